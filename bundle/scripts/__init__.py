@@ -1,0 +1,9 @@
+"""Uncertainty-guided dual-network semi-supervised 3D segmentation for MONAI.
+
+Importing the package registers its components, so bundle configs name them by class name
+(``_target_: CrossConsistencyLoss``) after ``imports: ["$import monai_dualssl"]``.
+"""
+
+from .losses import *  # noqa: F401,F403
+
+__version__ = "0.1.0"
