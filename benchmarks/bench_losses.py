@@ -1,0 +1,88 @@
+"""Cost of the loss terms relative to the two networks' forward and backward.
+
+Times, on 2 labeled + 2 unlabeled patches, (1) the forward and backward of networks A and B with a
+plain cross-entropy on the labeled half (the bare networks) and (2) the same step with every loss
+term of the method (supervised + correction for both, cross consistency both ways, prototype
+contrastive, cosine), and prints the ratio (2) / (1).
+
+    python benchmarks/bench_losses.py [--size 64 64 48] [--filters 16] [--repeats 5] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from monai_dualssl.losses import (
+    CosineConsistencyLoss,
+    CrossConsistencyLoss,
+    PrototypeContrastiveLoss,
+    SupervisedLoss,
+)
+from monai_dualssl.networks import DualNet
+
+
+def bare_step(net: DualNet, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    n = y.shape[0]
+    z_a, z_b = net.net_a(x), net.net_b(x)
+    return F.cross_entropy(z_a[:n], y[:, 0]) + F.cross_entropy(z_b[:n], y[:, 0])
+
+
+def full_step(net: DualNet, x: torch.Tensor, y: torch.Tensor, losses: dict) -> torch.Tensor:
+    n = y.shape[0]
+    z_a, f_a = net.net_a.forward_features(x)
+    z_b, f_b = net.net_b.forward_features(x)
+    sup = losses["sup"]
+    total = sup(z_a[:n], y, z_b[:n]) + sup(z_b[:n], y, z_a[:n])
+    total = total + losses["cps"](z_a[n:], z_b[n:])
+    total = total + 0.1 * losses["proto"](f_a[n:], z_a[n:], z_b[n:])
+    return total + losses["cos"](z_a, z_b)
+
+
+def timed(step, repeats: int, device: torch.device) -> float:
+    times = []
+    for i in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:  # the first run warms up
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, nargs=3, default=[64, 64, 48])
+    parser.add_argument("--filters", type=int, default=16)
+    parser.add_argument("--classes", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    net = DualNet(out_channels=args.classes, n_filters=args.filters).to(device).train()
+    x = torch.randn(4, 1, *args.size, device=device)
+    y = torch.randint(0, args.classes, (2, 1, *args.size), device=device)
+    losses = {
+        "sup": SupervisedLoss(),
+        "cps": CrossConsistencyLoss(),
+        "proto": PrototypeContrastiveLoss(),
+        "cos": CosineConsistencyLoss(),
+    }
+    bare = timed(lambda: bare_step(net, x, y), args.repeats, device)
+    full = timed(lambda: full_step(net, x, y, losses), args.repeats, device)
+    print(f"patches 2+2 x {tuple(args.size)}, n_filters {args.filters}, {args.classes} classes, {device}, "
+          f"{torch.get_num_threads()} threads, median of {args.repeats}")
+    print(f"bare networks (fwd+bwd):      {bare * 1000:9.1f} ms")
+    print(f"networks + all loss terms:    {full * 1000:9.1f} ms")
+    print(f"ratio:                        {full / bare:9.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,377 @@
+"""Segmentation networks of uncertainty-guided dual-network semi-supervised 3D segmentation.
+
+- :class:`VNet`: the V-Net of UA-MT / MC-Net (about 9.45 M parameters at ``n_filters=16``).
+- :class:`ResNetVNet`: a 3D ResNet-34 encoder with the same V-Net decoder (about 17.9 M).
+- :class:`DualNet`: the inference ensemble holding both (``net_a``: ResNetVNet, ``net_b``: VNet),
+  returning the mean of their softmax maps as a single tensor.
+
+All networks take ``[B, in_channels, H, W, D]`` inputs whose spatial sizes are divisible by 16
+and return one tensor ``[B, out_channels, H, W, D]`` from ``forward`` (so MONAI inferers and
+TorchScript export work); :meth:`VNet.forward_features` / :meth:`ResNetVNet.forward_features`
+additionally return the last decoder feature map (optionally through a projection head) for
+feature-level losses.
+"""
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+__all__ = ["VNet", "ResNetVNet", "DualNet"]
+
+NORM_TYPES = ("batch", "instance", "group", "none")
+_DECODER_BLOCKS = (3, 3, 2, 1)  # conv blocks of UA-MT's block_six .. block_nine
+
+
+def _norm(norm: str, channels: int) -> nn.Module:
+    """Normalisation layer ``norm`` (one of :data:`NORM_TYPES`) for ``channels`` feature maps.
+
+    Group norm uses 8 groups, or the largest divisor of ``channels`` below 8 for small widths.
+    """
+    if norm == "batch":
+        return nn.BatchNorm3d(channels)
+    if norm == "instance":
+        return nn.InstanceNorm3d(channels, affine=True)
+    if norm == "group":
+        return nn.GroupNorm(math.gcd(8, channels), channels)
+    _check_norm(norm)
+    return nn.Identity()
+
+
+def _check_norm(norm: str) -> str:
+    if norm not in NORM_TYPES:
+        raise ValueError(f"unknown norm {norm!r}; expected one of {', '.join(NORM_TYPES)}.")
+    return norm
+
+
+def _check_counts(name: str, what: str, counts: Sequence[int], length: int) -> Tuple[int, ...]:
+    counts = tuple(int(c) for c in counts)
+    if len(counts) != length or min(counts) < 1:
+        raise ValueError(f"{name}: {what} must be {length} positive integers, found {counts}.")
+    return counts
+
+
+def _fmt(dims: List[int]) -> str:
+    return "(" + ", ".join([str(d) for d in dims]) + ")"
+
+
+def _check_input(name: str, x: torch.Tensor, in_channels: int) -> None:
+    """Raise ``ValueError`` unless ``x`` is ``[B, in_channels, H, W, D]`` with ``H, W, D`` divisible by 16."""
+    shape: List[int] = [int(s) for s in x.shape]
+    if len(shape) != 5 or shape[1] != in_channels:
+        raise ValueError(
+            name + ": expected input of shape [B, " + str(in_channels) + ", H, W, D], found shape " + _fmt(shape) + "."
+        )
+    spatial = shape[2:]
+    for s in spatial:
+        if s % 16 != 0:
+            raise ValueError(
+                name + ": spatial size " + _fmt(spatial) + " must be divisible by 16 in every dimension; "
+                "pad or crop the input (e.g. with monai.transforms.DivisiblePadd(k=16))."
+            )
+
+
+class _ConvNormAct(nn.Sequential):
+    """Conv (or transposed conv) + norm + ReLU."""
+
+    def __init__(self, cin: int, cout: int, norm: str, kernel: int = 3, stride: int = 1, transposed: bool = False):
+        conv_type = nn.ConvTranspose3d if transposed else nn.Conv3d
+        super().__init__(
+            conv_type(cin, cout, kernel, stride=stride, padding=(kernel - 1) // 2 if kernel % 2 else 0),
+            _norm(norm, cout),
+            nn.ReLU(inplace=True),
+        )
+
+
+class _ConvBlock(nn.Sequential):
+    """``n`` stacked 3x3x3 conv + norm + ReLU layers; the first maps ``cin`` to ``cout`` channels."""
+
+    def __init__(self, n: int, cin: int, cout: int, norm: str):
+        super().__init__(*[_ConvNormAct(cin if i == 0 else cout, cout, norm) for i in range(n)])
+
+
+def _down(cin: int, cout: int, norm: str) -> nn.Module:
+    """Stride-2 2x2x2 conv + norm + ReLU (halves the resolution)."""
+    return _ConvNormAct(cin, cout, norm, kernel=2, stride=2)
+
+
+def _up(cin: int, cout: int, norm: str) -> nn.Module:
+    """Stride-2 2x2x2 transposed conv + norm + ReLU (doubles the resolution)."""
+    return _ConvNormAct(cin, cout, norm, kernel=2, stride=2, transposed=True)
+
+
+class _UpStage(nn.Module):
+    """``block(up(x) + skip)``: one V-Net decoder level with an additive skip connection."""
+
+    def __init__(self, cin: int, cout: int, n_convs: int, norm: str):
+        super().__init__()
+        self.up = _up(cin, cout, norm)
+        self.block = _ConvBlock(n_convs, cout, cout, norm)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.block(self.up(x) + skip)
+
+
+class _VNetDecoder(nn.Module):
+    """V-Net decoder over the 5 encoder maps ``[f, 2f, 4f, 8f, 16f]`` channels at ``/1 .. /16`` resolution.
+
+    Dropout3d is applied to the bottleneck (deepest map) and to the output of the last decoder
+    block; it is active in training only.
+
+    Args:
+        n_filters: channels ``f`` of the full-resolution map.
+        norm: normalisation, one of ``"batch"``, ``"instance"``, ``"group"``, ``"none"``.
+        dropout: Dropout3d probability (0 disables it).
+        blocks: conv blocks of the decoder levels, deepest first.
+    """
+
+    def __init__(self, n_filters: int, norm: str, dropout: float, blocks: Sequence[int] = _DECODER_BLOCKS):
+        super().__init__()
+        self.bottleneck_dropout = nn.Dropout3d(dropout)
+        self.out_dropout = nn.Dropout3d(dropout)
+        self.stages = nn.ModuleList(
+            [_UpStage(n_filters * 2 ** (4 - i), n_filters * 2 ** (3 - i), blocks[i], norm) for i in range(4)]
+        )
+
+    def forward(self, feats: List[torch.Tensor]) -> torch.Tensor:
+        x = self.bottleneck_dropout(feats[4])
+        for i, stage in enumerate(self.stages):
+            x = stage(x, feats[3 - i])
+        return self.out_dropout(x)
+
+
+class _Encoder(nn.Module):
+    """Runs ``self.levels`` (an ``nn.ModuleList`` set by subclasses) in sequence and returns every
+    level's output, full resolution first."""
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        feats: List[torch.Tensor] = []
+        for level in self.levels:
+            x = level(x)
+            feats.append(x)
+        return feats
+
+
+class _VNetEncoder(_Encoder):
+    """V-Net encoder: ``stages[i]`` conv blocks at ``f * 2**i`` channels, stride-2 conv down-sampling between."""
+
+    def __init__(self, in_channels: int, n_filters: int, stages: Sequence[int], norm: str):
+        super().__init__()
+        levels: List[nn.Module] = [_ConvBlock(stages[0], in_channels, n_filters, norm)]
+        for i in range(1, 5):
+            cin, cout = n_filters * 2 ** (i - 1), n_filters * 2**i
+            levels.append(nn.Sequential(_down(cin, cout, norm), _ConvBlock(stages[i], cout, cout, norm)))
+        self.levels = nn.ModuleList(levels)
+
+
+class _BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3x3 convs with norm; identity or 1x1x1 conv + norm shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int, norm: str):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv3d(cin, cout, 3, stride=stride, padding=1, bias=False),
+            _norm(norm, cout),
+            nn.ReLU(inplace=True),
+            nn.Conv3d(cout, cout, 3, padding=1, bias=False),
+            _norm(norm, cout),
+        )
+        if stride != 1 or cin != cout:
+            self.shortcut: nn.Module = nn.Sequential(
+                nn.Conv3d(cin, cout, 1, stride=stride, bias=False), _norm(norm, cout)
+            )
+        else:
+            self.shortcut = nn.Identity()
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.body(x) + self.shortcut(x))
+
+
+class _ResNetEncoder(_Encoder):
+    """3D ResNet encoder: 7x7x7 stem (stride 1, no max-pool) and 4 stages of basic blocks at ``/2 .. /16``."""
+
+    def __init__(self, in_channels: int, n_filters: int, blocks: Sequence[int], norm: str):
+        super().__init__()
+        stem = nn.Conv3d(in_channels, n_filters, 7, padding=3, bias=False)
+        levels: List[nn.Module] = [nn.Sequential(stem, _norm(norm, n_filters), nn.ReLU(inplace=True))]
+        for i in range(4):
+            cin, cout = n_filters * 2**i, n_filters * 2 ** (i + 1)
+            stage = [_BasicBlock(cin if j == 0 else cout, cout, 2 if j == 0 else 1, norm) for j in range(blocks[i])]
+            levels.append(nn.Sequential(*stage))
+        self.levels = nn.ModuleList(levels)
+
+
+class _EncoderDecoderNet(nn.Module):
+    """Shared head of :class:`VNet` and :class:`ResNetVNet`: encoder -> V-Net decoder -> 1x1x1 classifier."""
+
+    def __init__(
+        self, name: str, encoder: nn.Module, in_channels: int, out_channels: int, n_filters: int,
+        norm: str, dropout: float, proj_dim: int, decoder_blocks: Sequence[int],
+    ):
+        super().__init__()
+        if proj_dim < 0:
+            raise ValueError(f"{name}: proj_dim must be >= 0, found {proj_dim}.")
+        self.net_name = name
+        self.in_channels = int(in_channels)
+        self.encoder = encoder
+        self.decoder = _VNetDecoder(n_filters, norm, dropout, decoder_blocks)
+        self.out_conv = nn.Conv3d(n_filters, out_channels, 1)
+        if proj_dim > 0:
+            self.proj: nn.Module = nn.Sequential(
+                nn.Conv3d(n_filters, n_filters, 1), nn.ReLU(inplace=True), nn.Conv3d(n_filters, proj_dim, 1)
+            )
+        else:
+            self.proj = nn.Identity()
+
+    def _decode(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(self.net_name, x, self.in_channels)
+        return self.decoder(self.encoder(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, out_channels, H, W, D]`` of ``x``: ``[B, in_channels, H, W, D]``."""
+        return self.out_conv(self._decode(x))
+
+    @torch.jit.export
+    def forward_features(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(logits, features)``: features are the last decoder map ``[B, n_filters, H, W, D]``
+        (after its dropout) or, with ``proj_dim > 0``, its projection ``[B, proj_dim, H, W, D]``."""
+        h = self._decode(x)
+        return self.out_conv(h), self.proj(h)
+
+
+class VNet(_EncoderDecoderNet):
+    """V-Net of UA-MT / MC-Net with additive skips and Dropout3d on the bottleneck and last decoder block.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels (classes, incl. background).
+        n_filters: channels of the first stage; stage ``i`` has ``n_filters * 2**i``.
+        stages: conv blocks per encoder stage (5 values); the decoder has 3, 3, 2, 1.
+        norm: ``"batch"``, ``"instance"``, ``"group"`` or ``"none"``.
+        dropout: Dropout3d probability (training only).
+        proj_dim: if > 0, :meth:`forward_features` returns a ``proj_dim``-channel projection of the
+            decoder features (1x1x1 conv, ReLU, 1x1x1 conv) instead of the raw features.
+
+    Shapes:
+        ``forward``: ``[B, in_channels, H, W, D] -> [B, out_channels, H, W, D]``, with ``H, W, D``
+        divisible by 16.
+
+    Raises:
+        ValueError: for an unknown ``norm``, invalid ``stages``, or (in ``forward``) an input of the
+            wrong rank/channels or with a spatial size not divisible by 16.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 2,
+        n_filters: int = 16,
+        stages: Sequence[int] = (1, 2, 3, 3, 3),
+        norm: str = "batch",
+        dropout: float = 0.5,
+        proj_dim: int = 0,
+    ):
+        norm = _check_norm(norm)
+        stages = _check_counts("VNet", "stages", stages, 5)
+        encoder = _VNetEncoder(in_channels, n_filters, stages, norm)
+        super().__init__(
+            "VNet", encoder, in_channels, out_channels, n_filters, norm, dropout, proj_dim, _DECODER_BLOCKS
+        )
+
+
+class ResNetVNet(_EncoderDecoderNet):
+    """3D ResNet-34 encoder with a V-Net decoder (additive skips, decoder conv blocks 3, 3, 2, 1).
+
+    The stem (7x7x7 conv, stride 1, no max-pool) gives ``n_filters`` channels at full resolution;
+    the residual stages give ``2f, 4f, 8f, 16f`` channels at ``/2, /4, /8, /16``.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels (classes, incl. background).
+        n_filters: stem channels ``f``.
+        blocks: basic blocks per residual stage (4 values; ResNet-34: ``(3, 4, 6, 3)``).
+        norm: ``"batch"``, ``"instance"``, ``"group"`` or ``"none"``.
+        dropout: Dropout3d probability (training only) on the bottleneck and the last decoder block.
+        proj_dim: if > 0, :meth:`forward_features` returns a ``proj_dim``-channel projection of the
+            decoder features instead of the raw features.
+
+    Shapes:
+        ``forward``: ``[B, in_channels, H, W, D] -> [B, out_channels, H, W, D]``, with ``H, W, D``
+        divisible by 16.
+
+    Raises:
+        ValueError: for an unknown ``norm``, invalid ``blocks``, or (in ``forward``) an input of the
+            wrong rank/channels or with a spatial size not divisible by 16.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 2,
+        n_filters: int = 16,
+        blocks: Sequence[int] = (3, 4, 6, 3),
+        norm: str = "batch",
+        dropout: float = 0.5,
+        proj_dim: int = 0,
+    ):
+        norm = _check_norm(norm)
+        blocks = _check_counts("ResNetVNet", "blocks", blocks, 4)
+        encoder = _ResNetEncoder(in_channels, n_filters, blocks, norm)
+        super().__init__(
+            "ResNetVNet", encoder, in_channels, out_channels, n_filters, norm, dropout, proj_dim, _DECODER_BLOCKS
+        )
+
+
+class DualNet(nn.Module):
+    """Ensemble of :class:`ResNetVNet` (``net_a``) and :class:`VNet` (``net_b``) for inference and export.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels (classes, incl. background).
+        n_filters: base width of ``net_a``.
+        resnet_blocks: basic blocks per residual stage of ``net_a``.
+        vnet_stages: conv blocks per encoder stage of ``net_b``.
+        norm: normalisation of both networks.
+        dropout: Dropout3d probability of both networks (training only).
+        proj_dim: projection dimension of both networks' :meth:`forward_features`.
+        output: ``"prob"``: ``(softmax(z_a) + softmax(z_b)) / 2``; ``"logits"``: the log of that
+            mean (clamped at 1e-8), so ``argmax`` and softmax-based post-processing agree.
+        n_filters_b: base width of ``net_b`` (``None``: same as ``n_filters``).
+
+    Shapes:
+        ``forward``: ``[B, in_channels, H, W, D] -> [B, out_channels, H, W, D]``.
+
+    Raises:
+        ValueError: for an unknown ``output`` or ``norm``, or an invalid input in ``forward``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 2,
+        n_filters: int = 16,
+        resnet_blocks: Sequence[int] = (3, 4, 6, 3),
+        vnet_stages: Sequence[int] = (1, 2, 3, 3, 3),
+        norm: str = "batch",
+        dropout: float = 0.5,
+        proj_dim: int = 0,
+        output: str = "prob",
+        n_filters_b: Optional[int] = None,
+    ):
+        super().__init__()
+        if output not in ("prob", "logits"):
+            raise ValueError(f"DualNet: unknown output {output!r}; expected one of prob, logits.")
+        self.output = output
+        self.log_output = output == "logits"
+        nb = n_filters if n_filters_b is None else n_filters_b
+        self.net_a = ResNetVNet(in_channels, out_channels, n_filters, resnet_blocks, norm, dropout, proj_dim)
+        self.net_b = VNet(in_channels, out_channels, nb, vnet_stages, norm, dropout, proj_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean softmax of both networks (or its log with ``output="logits"``)."""
+        p = 0.5 * (torch.softmax(self.net_a(x), dim=1) + torch.softmax(self.net_b(x), dim=1))
+        if self.log_output:
+            return torch.log(torch.clamp(p, min=1e-8))
+        return p

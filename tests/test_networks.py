@@ -1,0 +1,186 @@
+"""Shapes, parameter counts, input checks, dropout, TorchScript and the ensemble output of the networks."""
+
+import pytest
+import torch
+
+from monai_dualssl.networks import DualNet, ResNetVNet, VNet
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch\\.jit", "ignore:Converting a tensor to a Python integer")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny 3D convs are far faster on one thread than with OpenMP workers competing for few cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+NETS = [VNet, ResNetVNet]
+SMALL = {VNet: {"stages": (1, 1, 1, 1, 1)}, ResNetVNet: {"blocks": (1, 1, 1, 1)}}
+SMALL_DUAL = {"n_filters": 4, "resnet_blocks": (1, 1, 1, 1), "vnet_stages": (1, 1, 1, 1, 1)}
+
+
+def small(cls, **kwargs):
+    args = {"n_filters": 4, **SMALL[cls], **kwargs}
+    return cls(**args)
+
+
+def x32(channels=1, batch=1, seed=0, size=(32, 32, 32)):
+    return torch.randn(batch, channels, *size, generator=torch.Generator().manual_seed(seed))
+
+
+def n_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("cls, expected", [(VNet, 9.45e6), (ResNetVNet, 17.9e6)])
+def test_default_parameter_count(cls, expected):
+    assert abs(n_params(cls()) - expected) <= 0.05 * expected
+
+
+def test_dualnet_state_dict_keys():
+    keys = DualNet(**SMALL_DUAL).state_dict().keys()
+    assert keys and all(k.startswith(("net_a.", "net_b.")) for k in keys)
+    assert any(k.startswith("net_a.") for k in keys) and any(k.startswith("net_b.") for k in keys)
+
+
+@pytest.mark.parametrize("cls", NETS)
+@pytest.mark.parametrize("out_channels", [2, 3])
+@pytest.mark.parametrize("proj_dim", [0, 6])
+def test_output_shapes(cls, out_channels, proj_dim):
+    net = small(cls, out_channels=out_channels, proj_dim=proj_dim).eval()
+    x = torch.randn(1, 1, 16, 32, 48)
+    with torch.no_grad():
+        y = net(x)
+        logits, feats = net.forward_features(x)
+    assert y.shape == (1, out_channels, 16, 32, 48)
+    assert logits.shape == y.shape
+    assert torch.allclose(logits, y)
+    assert feats.shape == (1, proj_dim if proj_dim else 4, 16, 32, 48)
+
+
+@pytest.mark.parametrize("cls", NETS)
+def test_two_input_channels(cls):
+    net = small(cls, in_channels=2).eval()
+    with torch.no_grad():
+        assert net(x32(channels=2, size=(16, 16, 16))).shape == (1, 2, 16, 16, 16)
+
+
+@pytest.mark.parametrize("cls", NETS)
+def test_input_checks(cls):
+    net = small(cls).eval()
+    with pytest.raises(ValueError, match=r"spatial size \(30, 32, 32\) must be divisible by 16"):
+        net(torch.randn(1, 1, 30, 32, 32))
+    with pytest.raises(ValueError, match=r"DivisiblePadd"):
+        net.forward_features(torch.randn(1, 1, 32, 32, 40))
+    msg = r"expected input of shape \[B, 1, H, W, D\], found shape \(1, 2, 32, 32, 32\)"
+    with pytest.raises(ValueError, match=msg):
+        net(x32(channels=2))
+    with pytest.raises(ValueError, match=cls.__name__):
+        net(torch.randn(1, 32, 32, 32))
+
+
+def test_dualnet_input_check():
+    with pytest.raises(ValueError, match="divisible by 16"):
+        DualNet(**SMALL_DUAL)(torch.randn(1, 1, 32, 24, 32))
+
+
+def test_dualnet_is_mean_of_softmaxes():
+    torch.manual_seed(0)
+    net = DualNet(out_channels=3, **SMALL_DUAL).eval()
+    x = x32(size=(16, 32, 16))
+    with torch.no_grad():
+        p = net(x)
+        expected = (torch.softmax(net.net_a(x), 1) + torch.softmax(net.net_b(x), 1)) / 2
+    assert isinstance(net.net_a, ResNetVNet) and isinstance(net.net_b, VNet)
+    assert p.shape == (1, 3, 16, 32, 16)
+    assert torch.allclose(p, expected, atol=1e-6)
+    assert torch.allclose(p.sum(1), torch.ones(1, 16, 32, 16), atol=1e-5)
+
+    net_log = DualNet(out_channels=3, output="logits", **SMALL_DUAL).eval()
+    net_log.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        z = net_log(x)
+    assert torch.allclose(z, expected.clamp_min(1e-8).log(), atol=1e-5)
+    assert torch.equal(z.argmax(1), p.argmax(1))
+
+
+def test_dualnet_options():
+    net = DualNet(n_filters=8, n_filters_b=4, resnet_blocks=(1, 1, 1, 1), vnet_stages=(1, 1, 1, 1, 1), proj_dim=5)
+    assert net.net_a.out_conv.in_channels == 8 and net.net_b.out_conv.in_channels == 4
+    with pytest.raises(ValueError, match="output"):
+        DualNet(output="softmax", **SMALL_DUAL)
+
+
+def test_dualnet_torchscript_and_trace():
+    torch.manual_seed(0)
+    net = DualNet(output="logits", proj_dim=3, **SMALL_DUAL).eval()
+    x = x32(seed=1, size=(16, 32, 16))
+    scripted = torch.jit.script(net)
+    with torch.no_grad():
+        expected = net(x)
+        assert torch.allclose(scripted(x), expected, atol=1e-5)
+        traced = torch.jit.trace(net, x, check_trace=False)
+        assert torch.allclose(traced(x), expected, atol=1e-5)
+        for name in ("net_a", "net_b"):  # forward_features is exported with the sub-networks
+            logits, feats = getattr(scripted, name).forward_features(x)
+            ref_logits, ref_feats = getattr(net, name).forward_features(x)
+            assert feats.shape == (1, 3, 16, 32, 16)
+            assert torch.allclose(logits, ref_logits, atol=1e-5) and torch.allclose(feats, ref_feats, atol=1e-5)
+    # the input check survives scripting (raised as a TorchScript error carrying the message)
+    with pytest.raises(Exception, match="divisible by 16"):
+        scripted(torch.randn(1, 1, 32, 32, 20))
+
+
+@pytest.mark.parametrize("cls", NETS)
+def test_dropout_train_only(cls):
+    torch.manual_seed(0)
+    net = small(cls, dropout=0.5, norm="instance")
+    x = x32(size=(32, 16, 16))
+    with torch.no_grad():
+        net.train()
+        assert not torch.allclose(net(x), net(x))
+        net.eval()
+        assert torch.equal(net(x), net(x))
+
+
+@pytest.mark.parametrize("cls", NETS)
+@pytest.mark.parametrize("norm", ["batch", "instance", "group", "none"])
+def test_norm_variants(cls, norm):
+    net = small(cls, norm=norm, n_filters=2 if norm == "group" else 4)  # group: fewer groups than 8
+    y = net.train()(x32(batch=2, size=(32, 16, 16)))
+    assert y.shape == (2, 2, 32, 16, 16) and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("cls", NETS + [DualNet])
+def test_unknown_norm(cls):
+    with pytest.raises(ValueError, match="batch, instance, group, none"):
+        cls(norm="layer")
+
+
+@pytest.mark.parametrize("cls", NETS)
+def test_invalid_stage_counts(cls):
+    key = "stages" if cls is VNet else "blocks"
+    with pytest.raises(ValueError, match=key):
+        cls(n_filters=4, **{key: (1, 2, 3)})
+
+
+def test_gradients_reach_first_convs():
+    net = DualNet(output="logits", **SMALL_DUAL).train()
+    net(x32(batch=2, size=(32, 16, 16))).mean().backward()
+    first_a = net.net_a.encoder.levels[0][0].weight
+    first_b = net.net_b.encoder.levels[0][0][0].weight
+    for w in (first_a, first_b):
+        assert w.grad is not None and w.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("cls", NETS)
+def test_gradients_through_projection(cls):
+    net = small(cls, proj_dim=4).train()
+    logits, feats = net.forward_features(x32(batch=2, size=(16, 16, 16)))
+    (logits.mean() + feats.pow(2).mean()).backward()
+    assert net.proj[0].weight.grad.abs().sum() > 0
+    first = next(net.encoder.parameters())
+    assert first.grad is not None and first.grad.abs().sum() > 0
