@@ -4,6 +4,10 @@ Importing the package registers its components, so bundle configs name them by c
 (``_target_: CrossConsistencyLoss``) after ``imports: ["$import monai_dualssl"]``.
 """
 
+from .data import *  # noqa: F401,F403
+from .engines import *  # noqa: F401,F403
+from .handlers import *  # noqa: F401,F403
 from .losses import *  # noqa: F401,F403
+from .networks import *  # noqa: F401,F403
 
 __version__ = "0.1.0"
