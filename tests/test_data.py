@@ -1,0 +1,389 @@
+"""Data module: H5Reader, datalist builders, the synthetic dataset and preflight, on generated files."""
+
+import json
+import os
+import re
+from pathlib import Path
+
+import h5py
+import nibabel as nib
+import numpy as np
+import pytest
+from monai.bundle import ConfigParser
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
+
+from monai_dualssl.data import (
+    DataError,
+    H5Reader,
+    build_datalist,
+    folder_datalist,
+    la_datalist,
+    make_synthetic_dataset,
+    msd_datalist,
+    preflight,
+)
+
+LA_DIR = Path(os.environ.get("LA2018_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "la2018"))
+IDS = [f"ID{i:02d}" for i in range(10)]
+
+
+def write_h5(path, shape=(12, 10, 8), seed=0, **datasets):
+    """h5 file with a float32 ``image`` and a uint8 ``label`` (override or add datasets by keyword)."""
+    rng = np.random.default_rng(seed)
+    arrays = {"image": rng.normal(size=shape).astype(np.float32), "label": (rng.random(shape) > 0.7).astype(np.uint8)}
+    arrays.update(datasets)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        for name, array in arrays.items():
+            if array is not None:
+                f.create_dataset(name, data=array)
+    return arrays
+
+
+def write_nifti(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(array), np.eye(4)), path)
+    return str(path)
+
+
+def make_la(root, ids=IDS, volumes=True):
+    case_dir = root / "volumes" if volumes else root
+    for i, case in enumerate(ids):
+        write_h5(case_dir / case / "mri_norm2.h5", seed=i)
+    (root / "train.list").write_text("\n".join(ids) + "\n")
+    return root
+
+
+def load_pair(path, spacing=(1.0, 1.0, 1.0)):
+    transform = Compose(
+        [
+            LoadImaged(keys="image", reader=H5Reader(dataset="image", spacing=spacing)),
+            LoadImaged(keys="label", reader=H5Reader(dataset="label", spacing=spacing)),
+            EnsureChannelFirstd(keys=["image", "label"]),
+        ]
+    )
+    return transform({"image": str(path), "label": str(path)})
+
+
+def case_id(path):
+    return Path(path).parent.name
+
+
+# ---------------------------------------------------------------------------------------------- H5Reader
+
+
+def test_h5_reader_loadimaged(tmp_path):
+    path = tmp_path / "case" / "mri_norm2.h5"
+    arrays = write_h5(path)
+    out = load_pair(path, spacing=(0.625, 0.625, 0.625))
+    assert tuple(out["image"].shape) == (1, 12, 10, 8) and tuple(out["label"].shape) == (1, 12, 10, 8)
+    np.testing.assert_array_equal(out["image"][0].numpy(), arrays["image"])
+    np.testing.assert_array_equal(out["label"][0].numpy(), arrays["label"])
+    np.testing.assert_allclose(out["image"].affine.numpy(), np.diag([0.625, 0.625, 0.625, 1.0]))
+    assert out["image"].meta["filename_or_obj"] == str(path)
+    np.testing.assert_array_equal(out["image"].meta["spatial_shape"], [12, 10, 8])
+
+
+def test_h5_reader_by_name(tmp_path):
+    path = tmp_path / "x.hdf5"
+    arrays = write_h5(path)
+    loader = LoadImaged(keys="label", reader="monai_dualssl.data.H5Reader", dataset="label", ensure_channel_first=True)
+    np.testing.assert_array_equal(loader({"label": str(path)})["label"][0].numpy(), arrays["label"])
+    config = {"reader": {"_target_": "H5Reader", "dataset": "label", "spacing": [0.625, 0.625, 0.625]}}
+    reader = ConfigParser(config).get_parsed_content("reader")  # bundle configs name it by class name
+    assert isinstance(reader, H5Reader) and reader.dataset == "label" and reader.spacing == (0.625, 0.625, 0.625)
+
+
+def test_h5_reader_stacks_files_and_casts(tmp_path):
+    paths = [tmp_path / "a.h5", tmp_path / "b.h5"]
+    for i, p in enumerate(paths):
+        write_h5(p, seed=i)
+    reader = H5Reader(dtype=np.float16)
+    assert reader.verify_suffix(paths) and not reader.verify_suffix("x.nii.gz")
+    array, meta = reader.get_data(reader.read(paths))
+    assert array.shape == (2, 12, 10, 8) and array.dtype == np.float16 and meta["original_channel_dim"] == 0
+
+
+def test_h5_reader_missing_dataset(tmp_path):
+    path = tmp_path / "case.h5"
+    write_h5(path, label=None)
+    reader = H5Reader(dataset="label")
+    expected = rf"{re.escape(str(path))}: no h5 dataset 'label' \(datasets found: \['image'\]\)"
+    with pytest.raises(ValueError, match=expected):
+        reader.get_data(reader.read(path))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: no h5 dataset 'label'"):
+        LoadImaged(keys="label", reader=reader)({"label": str(path)})
+
+
+def test_h5_reader_real_la():
+    if not LA_DIR.is_dir():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"LA2018 data not found at {LA_DIR} (set LA2018_DIR); CI must run the real-data tests.")
+        pytest.skip(f"LA2018 data not found at {LA_DIR} (set LA2018_DIR to run this test).")
+    ids = (LA_DIR / "train.list").read_text().split()[:2]
+    for case in ids:
+        out = load_pair(LA_DIR / "volumes" / case / "mri_norm2.h5", spacing=(0.625, 0.625, 0.625))
+        assert out["image"].shape[0] == 1 and out["image"].shape[3] == 88
+        assert out["label"].shape == out["image"].shape
+        assert set(np.unique(out["label"].numpy()).tolist()) <= {0, 1}
+        assert np.isfinite(out["image"].numpy()).all()
+
+
+# ---------------------------------------------------------------------------------------------- datalists
+
+
+def assert_disjoint(datalist):
+    images = [item["image"] for split in ("labeled", "unlabeled", "validation") for item in datalist[split]]
+    assert len(images) == len(set(images))
+
+
+@pytest.mark.parametrize("volumes", [True, False])
+def test_la_datalist(tmp_path, volumes):
+    root = make_la(tmp_path, volumes=volumes)
+    datalist = la_datalist(root, num_labeled=3, num_val=2)
+    assert [case_id(i["image"]) for i in datalist["labeled"]] == IDS[:3]
+    assert [case_id(i["image"]) for i in datalist["unlabeled"]] == IDS[3:8]
+    assert [case_id(i["image"]) for i in datalist["validation"]] == IDS[8:]
+    for item in datalist["labeled"] + datalist["validation"]:
+        assert item["image"] == item["label"] and Path(item["image"]).is_file()
+    assert all(set(i) == {"image"} for i in datalist["unlabeled"])
+    assert_disjoint(datalist)
+
+
+def test_la_datalist_val_list(tmp_path):
+    root = make_la(tmp_path, ids=IDS + ["T0", "T1"])
+    (root / "train.list").write_text("\n".join(IDS))
+    (root / "test.list").write_text("T0\nT1\n")
+    datalist = la_datalist(root, num_labeled=4, val_list="test.list")
+    assert [case_id(i["image"]) for i in datalist["validation"]] == ["T0", "T1"]
+    assert len(datalist["labeled"]) == 4 and len(datalist["unlabeled"]) == 6
+
+
+def test_la_datalist_errors(tmp_path):
+    root = make_la(tmp_path)
+    with pytest.raises(FileNotFoundError, match="other.list"):
+        la_datalist(root, list_file="other.list")
+    with pytest.raises(ValueError, match=r"num_labeled \(8\) \+ num_val \(4\).*10 labeled cases"):
+        la_datalist(root, num_labeled=8, num_val=4)
+    (root / "test.list").write_text("ID01\n")
+    with pytest.raises(ValueError, match=r"ID01/mri_norm2.h5' is in more than one split \(labeled, validation\)"):
+        la_datalist(root, num_labeled=2, val_list="test.list")
+    (root / "train.list").write_text("\n".join(IDS + ["GHOST"]))
+    with pytest.raises(FileNotFoundError, match="'GHOST'"):
+        la_datalist(root)
+
+
+def test_msd_datalist(tmp_path):
+    training = [{"image": f"./imagesTr/c{i}.nii.gz", "label": f"./labelsTr/c{i}.nii.gz"} for i in range(5)]
+    spec = {"training": training, "unlabeled": [{"image": "./imagesTr/u0.nii.gz"}], "test": ["./imagesTs/t0.nii.gz"]}
+    (tmp_path / "dataset.json").write_text(json.dumps(spec))
+    datalist = msd_datalist(tmp_path / "dataset.json", num_labeled=2, num_val=1)
+    assert datalist["labeled"] == [
+        {"image": str(tmp_path / "imagesTr" / f"c{i}.nii.gz"), "label": str(tmp_path / "labelsTr" / f"c{i}.nii.gz")}
+        for i in (0, 1)
+    ]
+    assert [Path(i["image"]).name for i in datalist["unlabeled"]] == ["c2.nii.gz", "c3.nii.gz", "u0.nii.gz"]
+    assert [Path(i["image"]).name for i in datalist["validation"]] == ["c4.nii.gz"]
+    assert all(set(i) == {"image"} for i in datalist["unlabeled"])
+
+    spec["test"] = [{"image": "./imagesTs/t0.nii.gz", "label": "./labelsTs/t0.nii.gz"}, "./imagesTs/t1.nii.gz"]
+    (tmp_path / "dataset.json").write_text(json.dumps(spec))
+    datalist = msd_datalist(tmp_path / "dataset.json", num_val=3)  # labeled test items validate, num_val unused
+    assert [Path(i["image"]).name for i in datalist["validation"]] == ["t0.nii.gz"] and len(datalist["labeled"]) == 5
+
+    spec["validation"] = [training[0]]
+    (tmp_path / "dataset.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match=r"c0.nii.gz' is in more than one split \(labeled, validation\)"):
+        msd_datalist(tmp_path / "dataset.json")
+
+
+def test_folder_datalist(tmp_path):
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    for name in ["a.nii.gz", "b.nii.gz", "c.nii.gz", "d.nii.gz", "e.nii.gz", "._a.nii.gz", "notes.txt"]:
+        (tmp_path / "imagesTr" / name).touch()
+    for name in ["a.nii.gz", "c.nii.gz", "d.nii.gz"]:
+        (tmp_path / "labelsTr" / name).touch()
+    datalist = folder_datalist(tmp_path / "imagesTr", tmp_path / "labelsTr", num_labeled=1, num_val=1)
+    names = {split: [Path(i["image"]).name for i in items] for split, items in datalist.items()}
+    assert names["labeled"] == ["a.nii.gz"] and names["validation"] == ["d.nii.gz"]
+    assert names["unlabeled"] == ["c.nii.gz", "b.nii.gz", "e.nii.gz"]  # paired ones first, then label-less
+    assert datalist["labeled"][0]["label"] == str(tmp_path / "labelsTr" / "a.nii.gz")
+    assert_disjoint(datalist)
+
+
+def test_build_datalist_dispatch(tmp_path):
+    la = make_la(tmp_path / "la")
+    assert len(build_datalist(la, num_labeled=2, num_val=2)["unlabeled"]) == 6
+    msd = tmp_path / "msd"
+    msd.mkdir()
+    (msd / "dataset.json").write_text(json.dumps({"training": [{"image": "i.nii.gz", "label": "l.nii.gz"}]}))
+    assert build_datalist(msd)["labeled"] == build_datalist(msd / "dataset.json")["labeled"]
+    for sub in ("imagesTr", "labelsTr"):
+        (tmp_path / "folder" / sub).mkdir(parents=True)
+        (tmp_path / "folder" / sub / "x.nii").touch()
+    assert len(build_datalist(tmp_path / "folder")["labeled"]) == 1
+    with pytest.raises(ValueError, match="cannot tell the dataset layout"):
+        build_datalist(tmp_path / "folder" / "imagesTr")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        build_datalist(tmp_path / "nowhere")
+
+
+# ---------------------------------------------------------------------------------------------- synthetic data
+
+SYNTH = {"num_cases": 5, "num_labeled": 2, "num_val": 1, "shape": (40, 40, 32), "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    return make_synthetic_dataset(tmp_path_factory.mktemp("synth") / "data", **SYNTH)
+
+
+def read_case(root, i):
+    name = f"case_{i:03d}.nii.gz"
+    return [np.asanyarray(nib.load(root / d / name).dataobj) for d in ("imagesTr", "labelsTr")]
+
+
+def test_synthetic_structure(synthetic):
+    root = synthetic.parent
+    spec = json.loads(synthetic.read_text())
+    assert [i["image"] for i in spec["training"]] == ["./imagesTr/case_000.nii.gz", "./imagesTr/case_001.nii.gz"]
+    assert all(set(i) == {"image", "label"} for i in spec["training"] + spec["validation"])
+    assert spec["unlabeled"] == [{"image": f"./imagesTr/case_00{i}.nii.gz"} for i in (2, 3)]
+    assert [i["label"] for i in spec["validation"]] == ["./labelsTr/case_004.nii.gz"]
+    assert len(list((root / "labelsTr").glob("*.nii.gz"))) == 5  # every case has a label on disk
+    shapes = set()
+    for i in range(5):
+        image, label = read_case(root, i)
+        assert image.shape == label.shape and label.dtype == np.uint8 and set(np.unique(label)) == {0, 1}
+        assert abs(image.mean()) < 1e-2 and abs(image.std() - 1) < 1e-2 and 0.01 < label.mean() < 0.3
+        shapes.add(image.shape)
+    assert len(shapes) > 1
+    assert nib.load(root / "imagesTr" / "case_000.nii.gz").header.get_zooms() == (1.0, 1.0, 1.0)
+    assert [p.name for p in root.parent.iterdir()] == ["data"]  # no temporary folder left
+
+
+def test_synthetic_deterministic_and_idempotent(synthetic, tmp_path):
+    again = make_synthetic_dataset(tmp_path / "again", **SYNTH)
+    for i in range(5):
+        for a, b in zip(read_case(synthetic.parent, i), read_case(again.parent, i)):
+            np.testing.assert_array_equal(a, b)
+    other = make_synthetic_dataset(tmp_path / "other", **{**SYNTH, "num_cases": 3, "seed": 4})
+    assert read_case(other.parent, 0)[0].shape != read_case(again.parent, 0)[0].shape
+    files = [again, again.parent / "imagesTr" / "case_000.nii.gz"]
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    assert make_synthetic_dataset(again.parent, **SYNTH) == again
+    assert [f.stat().st_mtime_ns for f in files] == mtimes
+
+
+def test_synthetic_refuses_foreign_folder(tmp_path):
+    (tmp_path / "imagesTr").mkdir()
+    with pytest.raises(FileExistsError, match="no dataset.json"):
+        make_synthetic_dataset(tmp_path, **SYNTH)
+    with pytest.raises(ValueError, match="num_labeled"):
+        make_synthetic_dataset(tmp_path / "bad", num_cases=3, num_labeled=2, num_val=2)
+
+
+def test_synthetic_preflight(synthetic):
+    datalist = build_datalist(synthetic.parent)
+    assert [len(datalist[s]) for s in ("labeled", "unlabeled", "validation")] == [2, 2, 1]
+    summary = preflight(datalist, num_classes=2, patch_size=(32, 32, 24))
+    assert summary["label_values"] == [0, 1] and summary["smaller_than_patch"] == 0
+
+
+# ---------------------------------------------------------------------------------------------- preflight
+
+
+def nifti_case(root, name, image=None, label=None, shape=(8, 8, 6)):
+    """A datalist item of NIfTI files under root/imagesTr and root/labelsTr."""
+    image = np.zeros(shape, np.float32) if image is None else image
+    label = (np.arange(np.prod(shape)).reshape(shape) % 2).astype(np.uint8) if label is None else label
+    return {
+        "image": write_nifti(root / "imagesTr" / f"{name}.nii.gz", image),
+        "label": write_nifti(root / "labelsTr" / f"{name}.nii.gz", label),
+    }
+
+
+def good_datalist(root):
+    return {
+        "labeled": [nifti_case(root, "a"), nifti_case(root, "b", shape=(10, 9, 7))],
+        "unlabeled": [{"image": nifti_case(root, "u")["image"]}],
+        "validation": [nifti_case(root, "v")],
+    }
+
+
+def test_preflight_good(tmp_path):
+    summary = preflight(good_datalist(tmp_path), num_classes=2, patch_size=(8, 8, 8))
+    assert summary == {
+        "labeled": 2,
+        "unlabeled": 1,
+        "validation": 1,
+        "min_shape": (8, 8, 6),
+        "max_shape": (10, 9, 7),
+        "label_values": [0, 1],
+        "smaller_than_patch": 3,
+    }
+
+
+def test_preflight_h5(tmp_path):
+    datalist = la_datalist(make_la(tmp_path), num_labeled=2, num_val=2)
+    assert preflight(datalist, num_classes=2, patch_size=(8, 8, 8))["min_shape"] == (12, 10, 8)
+    write_h5(tmp_path / "volumes" / "ID09" / "mri_norm2.h5", label=None)
+    expected = r"case 'ID09/mri_norm2.h5' \(key 'label'\): cannot be read: .*no h5 dataset 'label'"
+    with pytest.raises(DataError, match=expected):
+        preflight(datalist, num_classes=2, patch_size=(8, 8, 8))
+
+
+def overwrite(key, array):
+    """Break case 'a' by overwriting its ``key`` file with ``array``."""
+    return lambda item: write_nifti(Path(item[key]), array)
+
+
+BROKEN = {
+    "missing file": (
+        lambda item: item.update(label="missing.nii.gz"),
+        "case 'a.nii.gz' (key 'label'): file not found: missing.nii.gz",
+    ),
+    "shape mismatch": (
+        overwrite("label", np.zeros((5, 8, 6), np.uint8)),
+        "case 'a.nii.gz' (key 'label'): label spatial shape (5, 8, 6) differs from image spatial shape (8, 8, 6)",
+    ),
+    "label out of range": (
+        overwrite("label", np.array([0, 1, 3, 1] * 96, np.uint8).reshape(8, 8, 6)),
+        "case 'a.nii.gz' (key 'label'): label values [0, 1, 3] outside the declared classes 0..1 (num_classes=2)",
+    ),
+    "fractional label": (
+        overwrite("label", np.full((8, 8, 6), 0.5, np.float32)),
+        "case 'a.nii.gz' (key 'label'): label values [0.5] are not integers",
+    ),
+    "nan intensity": (
+        overwrite("image", np.where(np.eye(8)[:, :, None] > 0, np.nan, 0.0).repeat(6, 2)),
+        "case 'a.nii.gz' (key 'image'): 48 non-finite intensities (NaN/Inf)",
+    ),
+}
+
+
+@pytest.mark.parametrize("break_case, message", BROKEN.values(), ids=BROKEN.keys())
+def test_preflight_errors(tmp_path, break_case, message):
+    datalist = good_datalist(tmp_path)
+    break_case(datalist["labeled"][0])
+    with pytest.raises(DataError, match=r"^1 dataset problem\(s\)") as error:
+        preflight(datalist, num_classes=2, patch_size=(8, 8, 6))
+    assert message in str(error.value)
+
+
+def test_preflight_collects_all_problems(tmp_path):
+    datalist = good_datalist(tmp_path)
+    datalist["validation"].append(datalist["labeled"].pop(0))
+    datalist["labeled"] = [{"image": item["image"]} for item in datalist["labeled"]]
+    datalist["unlabeled"].append({"image": datalist["validation"][0]["image"]})
+    datalist["unlabeled"] += [{"image": str(tmp_path / f"gone{i}.nii.gz")} for i in range(22)]
+    with pytest.raises(DataError) as error:
+        preflight(datalist, num_classes=2, patch_size=(9, 8, 6), allow_pad=False)
+    text = str(error.value)
+    assert text.startswith("26 dataset problem(s)") and text.endswith("... and 6 more")
+    assert "case 'imagesTr/v.nii.gz' is in more than one split (unlabeled, validation)" in text
+    assert "no labeled case: no item of 'labeled' has key 'label'" in text
+    assert "case 'imagesTr/b.nii.gz' (key 'image'): spatial shape (10, 9, 7)" not in text
+    assert "case 'imagesTr/u.nii.gz' (key 'image'): spatial shape (8, 8, 6) smaller than patch_size (9, 8, 6)" in text
+    assert "case 'gone0.nii.gz' (key 'image'): file not found" in text
