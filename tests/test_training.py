@@ -182,3 +182,19 @@ def test_kill_and_resume(tmp_path, tiny_dataset):
     final = torch.load(ckpt_dir / "final.pt", weights_only=True)
     assert final["trainer"]["iteration"] == 12
     assert final["lr_scheduler_a"]["last_epoch"] == 12
+
+
+def test_ddp_two_processes_gloo(tmp_path, tiny_dataset):
+    """multi_gpu_train.yaml under torchrun: 2 CPU processes (gloo), checkpoints from rank 0 only."""
+    configs = repr([str(CONFIGS / "train.yaml"), str(CONFIGS / "multi_gpu_train.yaml")])
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+            "-m", "monai.bundle", "run", "training", "--config_file", configs]
+    for key, value in tiny_overrides(tiny_dataset, tmp_path, max_iterations=4).items():
+        args += [f"--{key}", str(value) if not isinstance(value, (list, bool)) else repr(value)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    final = torch.load(tmp_path / "runs" / "demo" / "checkpoints" / "final.pt", weights_only=True)
+    assert final["trainer"]["iteration"] == 4
+    assert not any(k.startswith("module.") for k in final["network_a"])  # plain network weights, not DDP's
+    assert (tmp_path / "models" / "model.pt").is_file()
