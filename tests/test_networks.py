@@ -1,9 +1,11 @@
 """Shapes, parameter counts, input checks, dropout, TorchScript and the ensemble output of the networks."""
 
+import math
+
 import pytest
 import torch
 
-from monai_dualssl.networks import DualNet, ResNetVNet, VNet
+from monai_dualssl.networks import DualNet, ResNetVNet, VNet, ensemble_uncertainty
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch\\.jit", "ignore:Converting a tensor to a Python integer")
 
@@ -184,3 +186,72 @@ def test_gradients_through_projection(cls):
     assert net.proj[0].weight.grad.abs().sum() > 0
     first = next(net.encoder.parameters())
     assert first.grad is not None and first.grad.abs().sum() > 0
+
+
+# logits [a, b] per class on one voxel -> (mean prob, entropy, disagreement), worked out by hand:
+# identical networks: no disagreement; p_a = (1/2, 1/2), p_b = (3/4, 1/4): p = (5/8, 3/8) and
+# D = ((1/2 - 3/4) ln(2/3) + (1/2 - 1/4) ln 2) / 2 = ln(3) / 8; opposite certainties p_a = (0.9, 0.1),
+# p_b = (0.1, 0.9): D = (0.8 ln 9 + 0.8 ln 9) / 2.
+UNCERTAINTY_CASES = [
+    ([0.0, 0.0], [0.0, 0.0], [0.5, 0.5], math.log(2.0), 0.0),
+    ([0, 0], [math.log(3), 0], [0.625, 0.375], -0.625 * math.log(0.625) - 0.375 * math.log(0.375), math.log(3) / 8),
+    ([math.log(9.0), 0.0], [0.0, math.log(9.0)], [0.5, 0.5], math.log(2.0), 0.8 * math.log(9.0)),
+    ([0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3], math.log(3.0), 0.0),
+]
+
+
+@pytest.mark.parametrize("za, zb, p, entropy, disagreement", UNCERTAINTY_CASES)
+def test_ensemble_uncertainty_values(za, zb, p, entropy, disagreement):
+    logits_a = torch.tensor(za, dtype=torch.float32).view(1, -1, 1, 1, 1).expand(2, -1, 2, 1, 3)
+    logits_b = torch.tensor(zb, dtype=torch.float32).view(1, -1, 1, 1, 1).expand(2, -1, 2, 1, 3)
+    out = ensemble_uncertainty(logits_a, logits_b)
+    c = len(za)
+    assert out.shape == (2, c + 2, 2, 1, 3)
+    expected = torch.tensor([*p, entropy, disagreement]).view(1, -1, 1, 1, 1).expand_as(out)
+    assert torch.allclose(out, expected, atol=1e-6)
+
+
+def test_ensemble_uncertainty_extreme_logits_and_shape_check():
+    za = torch.tensor([60.0, -60.0]).view(1, 2, 1, 1, 1)
+    out = ensemble_uncertainty(za, -za)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out[:, 2], torch.full((1, 1, 1, 1), math.log(2.0)), atol=1e-6)
+    assert torch.allclose(out[:, 3], torch.full((1, 1, 1, 1), 120.0), rtol=1e-5)  # each KL is about 120
+    with pytest.raises(ValueError, match=r"same shape, found \(1, 2, 1, 1, 1\) and \(1, 3, 1, 1, 1\)"):
+        ensemble_uncertainty(za, torch.zeros(1, 3, 1, 1, 1))
+
+
+@pytest.mark.parametrize("out_channels", [2, 3])
+def test_dualnet_uncertainty_output(out_channels):
+    torch.manual_seed(0)
+    net = DualNet(out_channels=out_channels, output="uncertainty", **SMALL_DUAL).eval()
+    x = x32(seed=2, size=(16, 16, 32))
+    with torch.no_grad():
+        out = net(x)
+        pa, pb = torch.softmax(net.net_a(x), 1), torch.softmax(net.net_b(x), 1)
+        net.output = "prob"  # the mode is switched on the built instance, the weights stay
+        prob = net(x)
+    c = out_channels
+    assert out.shape == (1, c + 2, 16, 16, 32)
+    assert torch.allclose(out[:, :c], prob, atol=1e-6)
+    entropy = -(prob * prob.log()).sum(1)
+    kl_ab = (pa * (pa.log() - pb.log())).sum(1)
+    kl_ba = (pb * (pb.log() - pa.log())).sum(1)
+    assert torch.allclose(out[:, c], entropy, atol=1e-5)
+    assert torch.allclose(out[:, c + 1], 0.5 * (kl_ab + kl_ba), atol=1e-5)
+    assert out[:, c].min() >= 0 and out[:, c].max() <= math.log(c) + 1e-6
+    assert out[:, c + 1].min() >= 0 and out[:, c + 1].max() > 0
+
+
+def test_dualnet_uncertainty_torchscript_and_unknown_mode():
+    torch.manual_seed(0)
+    net = DualNet(output="uncertainty", **SMALL_DUAL).eval()
+    x = x32(seed=3, size=(16, 32, 16))
+    scripted = torch.jit.script(net)
+    with torch.no_grad():
+        assert torch.allclose(scripted(x), net(x), atol=1e-5)
+        scripted.output = "prob"
+        assert scripted(x).shape == (1, 2, 16, 32, 16)
+    net.output = "variance"
+    with pytest.raises(ValueError, match="unknown output 'variance'; expected one of prob, logits, uncertainty"):
+        net(x)

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -187,7 +188,10 @@ def test_kill_and_resume(tmp_path, tiny_dataset):
 def test_ddp_two_processes_gloo(tmp_path, tiny_dataset):
     """multi_gpu_train.yaml under torchrun: 2 CPU processes (gloo), checkpoints from rank 0 only."""
     configs = repr([str(CONFIGS / "train.yaml"), str(CONFIGS / "multi_gpu_train.yaml")])
-    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
             "-m", "monai.bundle", "run", "training", "--config_file", configs]
     for key, value in tiny_overrides(tiny_dataset, tmp_path, max_iterations=4).items():
         args += [f"--{key}", str(value) if not isinstance(value, (list, bool)) else repr(value)]
@@ -198,3 +202,12 @@ def test_ddp_two_processes_gloo(tmp_path, tiny_dataset):
     assert final["trainer"]["iteration"] == 4
     assert not any(k.startswith("module.") for k in final["network_a"])  # plain network weights, not DDP's
     assert (tmp_path / "models" / "model.pt").is_file()
+
+
+def test_input_transform_b_only_changes_network_b_input():
+    seen = {}
+    trainer, net = make_trainer(input_transform_b=lambda x: x + 100.0)
+    for name in ("net_a", "net_b"):
+        getattr(net, name).encoder.register_forward_pre_hook(lambda m, args, n=name: seen.__setitem__(n, args[0].detach()))
+    trainer.run()
+    assert torch.allclose(seen["net_b"], seen["net_a"] + 100.0)

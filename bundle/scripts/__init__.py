@@ -9,5 +9,6 @@ from .engines import *  # noqa: F401,F403
 from .handlers import *  # noqa: F401,F403
 from .losses import *  # noqa: F401,F403
 from .networks import *  # noqa: F401,F403
+from .visualize import *  # noqa: F401,F403
 
 __version__ = "0.1.0"

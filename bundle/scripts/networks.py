@@ -3,7 +3,8 @@
 - :class:`VNet`: the V-Net of UA-MT / MC-Net (about 9.45 M parameters at ``n_filters=16``).
 - :class:`ResNetVNet`: a 3D ResNet-34 encoder with the same V-Net decoder (about 17.9 M).
 - :class:`DualNet`: the inference ensemble holding both (``net_a``: ResNetVNet, ``net_b``: VNet),
-  returning the mean of their softmax maps as a single tensor.
+  returning the mean of their softmax maps as a single tensor (or, with ``output="uncertainty"``,
+  that mean followed by entropy and disagreement maps from :func:`ensemble_uncertainty`).
 
 All networks take ``[B, in_channels, H, W, D]`` inputs whose spatial sizes are divisible by 16
 and return one tensor ``[B, out_channels, H, W, D]`` from ``forward`` (so MONAI inferers and
@@ -18,7 +19,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-__all__ = ["VNet", "ResNetVNet", "DualNet"]
+__all__ = ["VNet", "ResNetVNet", "DualNet", "ensemble_uncertainty"]
 
 NORM_TYPES = ("batch", "instance", "group", "none")
 _DECODER_BLOCKS = (3, 3, 2, 1)  # conv blocks of UA-MT's block_six .. block_nine
@@ -336,16 +337,24 @@ class DualNet(nn.Module):
         norm: normalisation of both networks.
         dropout: Dropout3d probability of both networks (training only).
         proj_dim: projection dimension of both networks' :meth:`forward_features`.
-        output: ``"prob"``: ``(softmax(z_a) + softmax(z_b)) / 2``; ``"logits"``: the log of that
-            mean (clamped at 1e-8), so ``argmax`` and softmax-based post-processing agree.
+        output: ``"prob"``: ``p = (softmax(z_a) + softmax(z_b)) / 2``; ``"logits"``: the log of that
+            mean (clamped at 1e-8), so ``argmax`` and softmax-based post-processing agree;
+            ``"uncertainty"``: ``out_channels + 2`` channels, ``p`` followed by the ensemble entropy
+            ``-sum_c p_c log p_c`` (nats) and the symmetric disagreement of the two networks
+            ``(KL(p_a || p_b) + KL(p_b || p_a)) / 2`` (see :func:`ensemble_uncertainty`). The mode is
+            read at every call, so it can be switched on a built (or loaded) instance by setting the
+            ``output`` attribute; the parameters are the same in every mode.
         n_filters_b: base width of ``net_b`` (``None``: same as ``n_filters``).
 
     Shapes:
-        ``forward``: ``[B, in_channels, H, W, D] -> [B, out_channels, H, W, D]``.
+        ``forward``: ``[B, in_channels, H, W, D] -> [B, out_channels, H, W, D]``
+        (``[B, out_channels + 2, H, W, D]`` with ``output="uncertainty"``).
 
     Raises:
         ValueError: for an unknown ``output`` or ``norm``, or an invalid input in ``forward``.
     """
+
+    OUTPUTS = ("prob", "logits", "uncertainty")
 
     def __init__(
         self,
@@ -361,17 +370,60 @@ class DualNet(nn.Module):
         n_filters_b: Optional[int] = None,
     ):
         super().__init__()
-        if output not in ("prob", "logits"):
-            raise ValueError(f"DualNet: unknown output {output!r}; expected one of prob, logits.")
-        self.output = output
-        self.log_output = output == "logits"
+        if output not in self.OUTPUTS:
+            raise ValueError(f"DualNet: unknown output {output!r}; expected one of {', '.join(self.OUTPUTS)}.")
+        self.output: str = output
         nb = n_filters if n_filters_b is None else n_filters_b
         self.net_a = ResNetVNet(in_channels, out_channels, n_filters, resnet_blocks, norm, dropout, proj_dim)
         self.net_b = VNet(in_channels, out_channels, nb, vnet_stages, norm, dropout, proj_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Mean softmax of both networks (or its log with ``output="logits"``)."""
+        """Mean softmax of both networks, its log (``output="logits"``) or the mean softmax with the
+        entropy and disagreement channels appended (``output="uncertainty"``)."""
+        if self.output == "uncertainty":
+            return ensemble_uncertainty(self.net_a(x), self.net_b(x))
+        if self.output != "prob" and self.output != "logits":
+            raise ValueError(
+                "DualNet: unknown output '" + self.output + "'; expected one of prob, logits, uncertainty."
+            )
         p = 0.5 * (torch.softmax(self.net_a(x), dim=1) + torch.softmax(self.net_b(x), dim=1))
-        if self.log_output:
+        if self.output == "logits":
             return torch.log(torch.clamp(p, min=1e-8))
         return p
+
+
+def ensemble_uncertainty(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
+    """
+    Mean softmax of two networks with two voxel-wise uncertainty maps appended on the channel axis.
+
+    With ``p_a = softmax(z_a)``, ``p_b = softmax(z_b)`` and ``p = (p_a + p_b) / 2`` (over ``C`` classes):
+
+    - entropy ``H = -sum_c p_c log p_c`` in nats, in ``[0, log C]``;
+    - disagreement ``D = (KL(p_a || p_b) + KL(p_b || p_a)) / 2 = sum_c (p_a,c - p_b,c)(log p_a,c - log p_b,c) / 2``,
+      ``>= 0`` and zero where the networks agree exactly.
+
+    Logarithms come from ``log_softmax`` (no clamping), so both maps are finite for any finite logits.
+
+    Args:
+        logits_a: logits of the first network, ``[B, C, *spatial]``.
+        logits_b: logits of the second network, same shape.
+
+    Returns:
+        ``[B, C + 2, *spatial]``: ``p`` (``C`` channels), ``H`` (1 channel), ``D`` (1 channel).
+
+    Raises:
+        ValueError: when the two shapes differ.
+    """
+    if logits_a.shape != logits_b.shape:
+        raise ValueError(
+            "ensemble_uncertainty: logits_a and logits_b must have the same shape, found "
+            + _fmt([int(s) for s in logits_a.shape]) + " and " + _fmt([int(s) for s in logits_b.shape]) + "."
+        )
+    log_pa = torch.log_softmax(logits_a, dim=1)
+    log_pb = torch.log_softmax(logits_b, dim=1)
+    pa, pb = torch.exp(log_pa), torch.exp(log_pb)
+    p = 0.5 * (pa + pb)
+    log_p = torch.logaddexp(log_pa, log_pb) - math.log(2.0)
+    entropy = -(p * log_p).sum(dim=1, keepdim=True)
+    disagreement = 0.5 * ((pa - pb) * (log_pa - log_pb)).sum(dim=1, keepdim=True)
+    return torch.cat([p, entropy, disagreement], dim=1)
