@@ -42,18 +42,25 @@ def full_step(net: DualNet, x: torch.Tensor, y: torch.Tensor, losses: dict) -> t
     return total + losses["cos"](z_a, z_b)
 
 
-def timed(step, repeats: int, device: torch.device) -> float:
-    times = []
+def timed(step, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    step().backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def interleaved(steps: dict, repeats: int, device: torch.device) -> dict:
+    """Median time of each step, the steps alternating so that background load hits all alike."""
+    times = {name: [] for name in steps}
     for i in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step().backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i:  # the first run warms up
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+        for name, step in steps.items():
+            t = timed(step, device)
+            if i:  # the first round warms up
+                times[name].append(t)
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
 def main() -> None:
@@ -75,10 +82,12 @@ def main() -> None:
         "proto": PrototypeContrastiveLoss(),
         "cos": CosineConsistencyLoss(),
     }
-    bare = timed(lambda: bare_step(net, x, y), args.repeats, device)
-    full = timed(lambda: full_step(net, x, y, losses), args.repeats, device)
+    medians = interleaved(
+        {"bare": lambda: bare_step(net, x, y), "full": lambda: full_step(net, x, y, losses)}, args.repeats, device
+    )
+    bare, full = medians["bare"], medians["full"]
     print(f"patches 2+2 x {tuple(args.size)}, n_filters {args.filters}, {args.classes} classes, {device}, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}")
+          f"{torch.get_num_threads()} threads, median of {args.repeats}, interleaved")
     print(f"bare networks (fwd+bwd):      {bare * 1000:9.1f} ms")
     print(f"networks + all loss terms:    {full * 1000:9.1f} ms")
     print(f"ratio:                        {full / bare:9.3f}")

@@ -160,9 +160,10 @@ def bundle_cmd(tmp_path, dataset, *extra):
 
 
 def test_kill_and_resume(tmp_path, tiny_dataset):
+    """SIGKILL mid-run, restart with --resume from another directory (--bundle_root): same end state."""
     ckpt_dir = tmp_path / "runs" / "demo" / "checkpoints"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(bundle_cmd(tmp_path, tiny_dataset), cwd=REPO, env=env,
+    proc = subprocess.Popen(bundle_cmd(tmp_path, tiny_dataset), cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -174,7 +175,7 @@ def test_kill_and_resume(tmp_path, tiny_dataset):
     proc.wait()
     killed_at = torch.load(latest_checkpoint(ckpt_dir), weights_only=True)["trainer"]["iteration"]
     assert 4 <= killed_at < 12
-    result = subprocess.run(bundle_cmd(tmp_path, tiny_dataset, "--resume", "True"), cwd=REPO, env=env,
+    result = subprocess.run(bundle_cmd(tmp_path, tiny_dataset, "--resume", "True"), cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "continuing from" in result.stderr + result.stdout

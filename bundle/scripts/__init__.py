@@ -6,6 +6,7 @@ Importing the package registers its components, so bundle configs name them by c
 
 from .data import *  # noqa: F401,F403
 from .engines import *  # noqa: F401,F403
+from .evaluation import *  # noqa: F401,F403
 from .handlers import *  # noqa: F401,F403
 from .losses import *  # noqa: F401,F403
 from .networks import *  # noqa: F401,F403
