@@ -76,13 +76,14 @@ def _reduce(values: torch.Tensor, count: torch.Tensor, reduction: str) -> torch.
     return values
 
 
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Voxel entropy ``H = -sum_c p_c log p_c`` of ``softmax(logits)``: ``[B, C, *] -> [B, 1, *]``.
+def _argmax(x: torch.Tensor) -> torch.Tensor:
+    """Channel argmax ``[B, C, *] -> [B, *]`` (``max(dim=1)`` is many times faster than ``argmax`` on CPU)."""
+    return x.max(dim=1).indices
 
-    Computed with ``log_softmax`` so saturated probabilities give 0, not NaN.
-    """
-    log_p = F.log_softmax(logits, dim=1)
-    return -(log_p.exp() * log_p).sum(dim=1, keepdim=True)
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """``x / max(||x||_2, 1e-12)`` along dim 1 (as ``F.normalize``, several times faster on CPU)."""
+    return x / x.pow(2).sum(dim=1, keepdim=True).sqrt().clamp_min(1e-12)
 
 
 def lowest_fraction(values: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -264,27 +265,29 @@ class CrossConsistencyLoss(_Loss):
 
     def kept(self, teacher: torch.Tensor) -> torch.Tensor:
         """Boolean ``[B, 1, *spatial]`` mask of the voxels whose pseudo-labels are used."""
+        return self.kept_from_log_probs(F.log_softmax(teacher.detach().float(), dim=1))
+
+    def kept_from_log_probs(self, log_t: torch.Tensor) -> torch.Tensor:
         if not self.entropy_filter or self.keep_ratio >= 1.0:
-            return torch.ones_like(teacher[:, :1], dtype=torch.bool)
-        h = entropy(teacher.detach().float())
+            return torch.ones_like(log_t[:, :1], dtype=torch.bool)
+        h = -(log_t.exp() * log_t).sum(dim=1, keepdim=True)
         return lowest_fraction(h if self.filter_rule == "certain" else -h, self.keep_ratio)
 
     def one_way(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         """Per-voxel loss map ``l`` ``[B, 1, *spatial]`` of ``student`` taught by ``teacher``."""
-        teacher = teacher.detach()
-        keep = self.kept(teacher)
-        pseudo = teacher.argmax(dim=1)
-        ce = F.cross_entropy(student, pseudo, reduction="none").unsqueeze(1)
-        scale = keep.numel() / keep.sum().clamp_min(1)
+        log_t = F.log_softmax(teacher.detach().float(), dim=1)
+        log_s = F.log_softmax(student.float(), dim=1)
+        ce = -log_s.gather(1, _argmax(log_t).unsqueeze(1))
+        keep = self.kept_from_log_probs(log_t)
+        loss = ce * keep * (keep.numel() / keep.sum().clamp_min(1))
         if not self.kl_weighting:
-            return ce * keep * scale
-        t = self.temperature
-        log_q = F.log_softmax(teacher / t, dim=1)
-        d = (log_q.exp() * (log_q - F.log_softmax(student / t, dim=1))).sum(dim=1, keepdim=True)
+            return loss
+        if self.temperature != 1.0:
+            log_t = F.log_softmax(teacher.detach().float() / self.temperature, dim=1)
+            log_s = F.log_softmax(student.float() / self.temperature, dim=1)
+        d = (log_t.exp() * (log_t - log_s)).sum(dim=1, keepdim=True)
         w = torch.exp(-d)
-        if self.detach_weight:
-            w = w.detach()
-        return w * ce * keep * scale + d
+        return (w.detach() if self.detach_weight else w) * loss + d
 
     def forward(self, input: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         """
@@ -367,11 +370,11 @@ class PrototypeContrastiveLoss(_Loss):
     def partition(self, logits: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Pseudo-labels ``[B, N]`` (long) and reliable mask ``[B, N]`` (bool) from the logits."""
         probs = torch.stack([F.softmax(z.detach().float(), dim=1) for z in logits]).mean(0)
-        pseudo = probs.argmax(dim=1)
+        pseudo = _argmax(probs)
         h = -(probs * probs.clamp_min(1e-12).log()).sum(dim=1)
         reliable = lowest_fraction(h, self.keep_ratio)
         for z in logits:
-            reliable &= z.argmax(dim=1) == pseudo
+            reliable &= _argmax(z) == pseudo
         return pseudo.flatten(1), reliable.flatten(1)
 
     def forward(
@@ -395,12 +398,11 @@ class PrototypeContrastiveLoss(_Loss):
             )
         n_classes = logits.shape[1]
         pseudo, reliable = self.partition([logits] if logits_other is None else [logits, logits_other])
-        feats = F.normalize(features.flatten(2).float(), dim=1)  # [B, F, N]
-
+        flat = features.flatten(2)  # [B, F, N]
         hot = F.one_hot(pseudo, n_classes).float() * reliable.unsqueeze(-1)  # [B, N, C]
-        sums = torch.einsum("bfn,bnc->cf", feats.detach(), hot)
+        sums = torch.einsum("bfn,bnc->cf", _unit(flat.detach().float()), hot)
         present = hot.sum(dim=(0, 1)) > 0  # [C]
-        protos = F.normalize(sums, dim=1)
+        protos = _unit(sums)
 
         uncertain = ~reliable.flatten()
         n_samples = min(self.max_samples, uncertain.numel())
@@ -410,7 +412,8 @@ class PrototypeContrastiveLoss(_Loss):
         cls = pseudo.flatten()[idx]
         valid = (top >= 0) & (torch.arange(n_samples, device=idx.device) < want) & present[cls]
 
-        sampled = feats.permute(0, 2, 1).reshape(-1, feats.shape[1])[idx]  # [S, F]
+        n_voxels = flat.shape[2]
+        sampled = _unit(flat[idx // n_voxels, :, idx % n_voxels].float())  # [S, F]
         sim = (sampled @ protos.t() / self.temperature).masked_fill(~present, -1e4)
         nll = F.cross_entropy(sim, cls, reduction="none") * valid
         return _reduce(nll, valid.sum(), self.reduction)
@@ -439,6 +442,7 @@ class CosineConsistencyLoss(_Loss):
         """
         _check_logits("CosineConsistencyLoss", input)
         _check_same("CosineConsistencyLoss", "other", input, other)
-        cos = F.cosine_similarity(F.softmax(input, dim=1), F.softmax(other, dim=1), dim=1, eps=1e-8)
-        loss = (1.0 - cos).unsqueeze(1)
+        p, q = F.softmax(input, dim=1), F.softmax(other, dim=1)
+        norms = (p.pow(2).sum(dim=1, keepdim=True) * q.pow(2).sum(dim=1, keepdim=True)).sqrt()
+        loss = 1.0 - (p * q).sum(dim=1, keepdim=True) / norms.clamp_min(1e-8)
         return _reduce(loss, loss.new_tensor(loss.numel()), self.reduction)
