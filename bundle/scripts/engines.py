@@ -149,7 +149,8 @@ class DualSSLTrainer(Trainer):
         if distributed:
             ids = [self.state.device] if torch.device(device).type == "cuda" else None
             self._run_a, self._run_b = (
-                DistributedDataParallel(m, device_ids=ids, find_unused_parameters=True) for m in (self._run_a, self._run_b)
+                DistributedDataParallel(m, device_ids=ids, find_unused_parameters=not features)  # unused: proj head
+                for m in (self._run_a, self._run_b)
             )
 
     @property
