@@ -1,7 +1,6 @@
 """Data module: H5Reader, datalist builders, the synthetic dataset and preflight, on generated files."""
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 from monai.bundle import ConfigParser
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 
+from conftest import require_la
 from monai_dualssl.data import (
     DataError,
     H5Reader,
@@ -23,7 +23,6 @@ from monai_dualssl.data import (
     preflight,
 )
 
-LA_DIR = Path(os.environ.get("LA2018_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "la2018"))
 IDS = [f"ID{i:02d}" for i in range(10)]
 
 
@@ -116,13 +115,10 @@ def test_h5_reader_missing_dataset(tmp_path):
 
 
 def test_h5_reader_real_la():
-    if not LA_DIR.is_dir():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"LA2018 data not found at {LA_DIR} (set LA2018_DIR); CI must run the real-data tests.")
-        pytest.skip(f"LA2018 data not found at {LA_DIR} (set LA2018_DIR to run this test).")
-    ids = (LA_DIR / "train.list").read_text().split()[:2]
+    root = require_la()
+    ids = (root / "train.list").read_text().split()[:2]
     for case in ids:
-        out = load_pair(LA_DIR / "volumes" / case / "mri_norm2.h5", spacing=(0.625, 0.625, 0.625))
+        out = load_pair(root / "volumes" / case / "mri_norm2.h5", spacing=(0.625, 0.625, 0.625))
         assert out["image"].shape[0] == 1 and out["image"].shape[3] == 88
         assert out["label"].shape == out["image"].shape
         assert set(np.unique(out["label"].numpy()).tolist()) <= {0, 1}

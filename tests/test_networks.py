@@ -10,15 +10,6 @@ from monai_dualssl.networks import DualNet, ResNetVNet, VNet, ensemble_uncertain
 pytestmark = pytest.mark.filterwarnings("ignore:`torch\\.jit", "ignore:Converting a tensor to a Python integer")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny 3D convs are far faster on one thread than with OpenMP workers competing for few cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 NETS = [VNet, ResNetVNet]
 SMALL = {VNet: {"stages": (1, 1, 1, 1, 1)}, ResNetVNet: {"blocks": (1, 1, 1, 1)}}
 SMALL_DUAL = {"n_filters": 4, "resnet_blocks": (1, 1, 1, 1), "vnet_stages": (1, 1, 1, 1, 1)}

@@ -112,6 +112,9 @@ def test_checkpoints_are_atomic_and_latest_is_found(tmp_path):
     saver.attach(trainer)
     trainer.run()
     assert latest_checkpoint(tmp_path).name.endswith("epoch=2.pt")
+    files = sorted(p.name for p in tmp_path.iterdir())  # written via a temporary file: none left behind
+    assert files == ["checkpoint_epoch=1.pt", "checkpoint_epoch=2.pt"], files
+    assert [torch.load(tmp_path / f, weights_only=True)["trainer"]["iteration"] for f in files] == [2, 4]
     (tmp_path / "empty").mkdir()
     assert latest_checkpoint(tmp_path / "empty") is None
 
