@@ -243,6 +243,23 @@ def test_model_variants_and_load_weights(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), net.state_dict().values()))
 
 
+@pytest.mark.parametrize("inferer", [field_inferer((16, 16, 16), (5, 6, 7)), fast_inferer((16, 16, 16))])
+def test_ensemble_from_both_networks_equals_windowed_ensemble(inferer):
+    torch.manual_seed(0)
+    net = tiny_net().eval()
+    image = torch.randn(1, 1, 21, 19, 18)
+    device = torch.device("cpu")
+    derived = evaluation._predict_all(model_variants(net), inferer, image, device, False)
+    alone = evaluation._predict_all(model_variants(net, ["ensemble"]), inferer, image, device, False)
+    with torch.no_grad():
+        windowed = inferer(image, net)
+        p_a, p_b = (inferer(image, model_variants(net, [n])[n]) for n in ("net_a", "net_b"))
+    assert torch.allclose(windowed, (p_a + p_b) / 2, atol=1e-6)  # linearity of window averaging
+    assert np.array_equal(derived["ensemble"][0], alone["ensemble"][0])
+    assert np.array_equal(derived["net_a"][0], p_a.argmax(1)[0].numpy())
+    assert derived["ensemble"][2] == pytest.approx(derived["net_a"][2] + derived["net_b"][2])
+
+
 def run_evaluate(tmp_path, dataset, **extra):
     wf = ConfigWorkflow(
         config_file=[str(CONFIGS / "train.yaml"), str(CONFIGS / "evaluate.yaml")],

@@ -421,20 +421,31 @@ def _spacing(image: torch.Tensor, default: Sequence[float] | None, ndim: int) ->
     return tuple(float(s) for s in (default if default is not None else (1.0,) * ndim))
 
 
-def _predict(
-    model: nn.Module, inferer: Inferer, image: torch.Tensor, device: torch.device, amp: bool
-) -> tuple[np.ndarray, int, float]:
-    """Argmax label map of one ``[1, C, ...]`` image, the number of classes and the seconds it took."""
+def _infer(model: nn.Module, inferer: Inferer, image: torch.Tensor, device: torch.device, amp: bool):
+    """Class probabilities ``[1, C, ...]`` of one ``[1, C_in, ...]`` image and the seconds they took."""
     image = image.as_tensor() if hasattr(image, "as_tensor") else image
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     with torch.no_grad(), torch.autocast(device.type, enabled=amp):
-        probs = inferer(image.to(device), model)
-        labels = probs.argmax(dim=1)[0].cpu().numpy()
+        probs = inferer(image.to(device), model).float()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return labels, int(probs.shape[1]), time.perf_counter() - start
+    return probs, time.perf_counter() - start
+
+
+def _predict_all(variants: Mapping[str, nn.Module], inferer: Inferer, image, device, amp) -> dict:
+    """
+    ``{name: (argmax labels, number of classes, seconds)}`` of every variant on one image. When both
+    networks are evaluated, the ensemble is the mean of their probabilities at the sum of their times:
+    window averaging is linear, so this equals windowing the mean-softmax ensemble, at half the cost.
+    """
+    derive = "ensemble" in variants and {"net_a", "net_b"} <= variants.keys()
+    probs = {n: _infer(m, inferer, image, device, amp) for n, m in variants.items() if not (derive and n == "ensemble")}
+    if derive:
+        (p_a, s_a), (p_b, s_b) = probs["net_a"], probs["net_b"]
+        probs["ensemble"] = ((p_a + p_b) / 2, s_a + s_b)
+    return {n: (probs[n][0].argmax(dim=1)[0].cpu().numpy(), int(probs[n][0].shape[1]), probs[n][1]) for n in variants}
 
 
 def _case_rows(
@@ -555,7 +566,7 @@ def evaluate(
     over the averaged probabilities, then scored (:func:`segmentation_metrics`) as predicted
     (``postprocessing="none"``) and after :func:`keep_largest_component` (``"lcc"``). Metrics are
     computed on the preprocessed grid of the loader (after any resampling); the millimetre spacing
-    is read from each preprocessed image's affine. Inference time per volume (argmax included,
+    is read from each preprocessed image's affine. Inference time per volume (argmax and
     metrics excluded) is measured with ``time.perf_counter``.
 
     Args:
@@ -601,8 +612,7 @@ def evaluate(
             )
         vox = _spacing(image, spacing, gt.ndim)
         spacings.add(vox)
-        for name, model in variants.items():
-            pred, num_classes, sec = _predict(model, inferer, image, device, amp)
+        for name, (pred, num_classes, sec) in _predict_all(variants, inferer, image, device, amp).items():
             seconds[name].append(sec)
             rows += _case_rows(case, name, pred, gt, num_classes, vox, sec)
     if not rows:
