@@ -179,6 +179,17 @@ def test_gradients_through_projection(cls):
     assert first.grad is not None and first.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("cls", NETS)
+def test_features_from_start_are_the_tail_of_the_batch(cls):
+    net = small(cls, proj_dim=4).eval()
+    x = x32(batch=3, size=(16, 16, 16))
+    with torch.no_grad():
+        logits, feats = net.forward_features(x)
+        logits_2, tail = net.forward_features(x, 2)
+    assert torch.equal(logits_2, logits) and tail.shape == (1, 4, 16, 16, 16)
+    assert torch.allclose(tail, feats[2:], atol=1e-6)
+
+
 # logits [a, b] per class on one voxel -> (mean prob, entropy, disagreement), worked out by hand:
 # identical networks: no disagreement; p_a = (1/2, 1/2), p_b = (3/4, 1/4): p = (5/8, 3/8) and
 # D = ((1/2 - 3/4) ln(2/3) + (1/2 - 1/4) ln 2) / 2 = ln(3) / 8; opposite certainties p_a = (0.9, 0.1),

@@ -30,8 +30,8 @@ class _Forward(torch.nn.Module):
         self.net = net
         self.features = features
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.net.forward_features(x) if self.features else (self.net(x), None)
+    def forward(self, x: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.net.forward_features(x, start) if self.features else (self.net(x), None)
 
 
 def _cycle(loader: Iterable) -> Iterator:
@@ -165,7 +165,8 @@ class DualSSLTrainer(Trainer):
         return image.to(self.state.device, non_blocking=self.non_blocking, **self.to_kwargs)
 
     def _unsupervised(self, out: dict, n: int, z_a, z_b, f_a, f_b) -> torch.Tensor:
-        """Weighted unlabeled terms; ``n`` is the labeled batch size (logits ``[:n]`` are labeled)."""
+        """Weighted unlabeled terms; ``n`` is the labeled batch size (logits ``[:n]`` are labeled, the
+        features ``f_a``, ``f_b`` are the unlabeled samples' only)."""
         w = self.state.loss_weights
         total = z_a.new_zeros(())
         if self.cps_loss is not None and w["cps"] > 0:
@@ -175,9 +176,9 @@ class DualSSLTrainer(Trainer):
             if self.proto_on == "weaker":
                 weaker_a = out["dice_a"] > out["dice_b"]  # a device tensor: no host round-trip
                 out["proto_on_a"] = weaker_a.float()
-                out["loss_proto"] = self.proto_loss(torch.where(weaker_a, f_a[n:], f_b[n:]), z_a[n:], z_b[n:])
+                out["loss_proto"] = self.proto_loss(torch.where(weaker_a, f_a, f_b), z_a[n:], z_b[n:])
             else:
-                out["loss_proto"] = self.proto_loss(f_a[n:], z_a[n:], z_b[n:]) + self.proto_loss(f_b[n:], z_b[n:], z_a[n:])
+                out["loss_proto"] = self.proto_loss(f_a, z_a[n:], z_b[n:]) + self.proto_loss(f_b, z_b[n:], z_a[n:])
             total = total + w["proto"] * out["loss_proto"]
         if self.cos_loss is not None and w["cos"] > 0:
             out["loss_cos"] = self.cos_loss(z_a, z_b)
@@ -187,9 +188,9 @@ class DualSSLTrainer(Trainer):
     def _compute_loss(self, x_l: torch.Tensor, y: torch.Tensor, x_u: torch.Tensor | None) -> torch.Tensor:
         out = self.state.output
         x = x_l if x_u is None else torch.cat([x_l, x_u])
-        z_a, f_a = self._run_a(x)
-        z_b, f_b = self._run_b(x if self.input_transform_b is None else self.input_transform_b(x))
         n = x_l.shape[0]
+        z_a, f_a = self._run_a(x, n)
+        z_b, f_b = self._run_b(x if self.input_transform_b is None else self.input_transform_b(x), n)
         out[Keys.PRED] = (torch.softmax(z_a[:n].detach(), 1) + torch.softmax(z_b[:n].detach(), 1)) / 2
         self.fire_event(IterationEvents.FORWARD_COMPLETED)
         total = z_a.new_zeros(())

@@ -235,11 +235,13 @@ class _EncoderDecoderNet(nn.Module):
         return self.out_conv(self._decode(x))
 
     @torch.jit.export
-    def forward_features(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward_features(self, x: torch.Tensor, start: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(logits, features)``: features are the last decoder map ``[B, n_filters, H, W, D]``
-        (after its dropout) or, with ``proj_dim > 0``, its projection ``[B, proj_dim, H, W, D]``."""
+        (after its dropout) or, with ``proj_dim > 0``, its projection ``[B, proj_dim, H, W, D]``;
+        ``start > 0`` returns the features of samples ``start:`` only (the projection is skipped for
+        the others, e.g. the labeled part of a mixed batch)."""
         h = self._decode(x)
-        return self.out_conv(h), self.proj(h)
+        return self.out_conv(h), self.proj(h[start:])
 
 
 class VNet(_EncoderDecoderNet):
