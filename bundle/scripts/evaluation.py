@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from monai.data.utils import affine_to_spacing
 from monai.inferers import Inferer, SlidingWindowInferer
 from monai.transforms.utils import get_largest_connected_component_mask, has_measure
@@ -44,6 +45,7 @@ __all__ = [
     "fast_inferer",
     "protocol_inferer",
     "SoftmaxOutput",
+    "disagreement_score",
     "model_variants",
     "load_weights",
     "summarize",
@@ -334,6 +336,33 @@ class SoftmaxOutput(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.net(x), dim=self.dim)
+
+
+def disagreement_score(uncertainty: torch.Tensor, margin: int = 3) -> float:
+    """
+    One number for how unsure a dual network is about an image: the mean disagreement ``D`` (symmetric
+    KL between the two networks, :func:`monai_dualssl.networks.ensemble_uncertainty`) over the region
+    ``R`` = predicted foreground (argmax of ``p`` > 0) dilated by ``margin`` voxels (a cube), or over the
+    whole image when nothing is predicted: ``score = sum_{v in R} D_v / |R|``.
+
+    Args:
+        uncertainty: ``DualNet(output="uncertainty")`` output of one image, ``[1, C + 2, *spatial]``.
+        margin: dilation of the predicted foreground, in voxels.
+
+    Raises:
+        ValueError: for a batch of more than one image or fewer than 4 channels.
+    """
+    if uncertainty.dim() < 3 or uncertainty.shape[0] != 1 or uncertainty.shape[1] < 4:
+        raise ValueError(f"expected an uncertainty map [1, C + 2, *spatial] with C >= 2, found {tuple(uncertainty.shape)}.")
+    num_classes = uncertainty.shape[1] - 2
+    region = (uncertainty[:, :num_classes].argmax(dim=1, keepdim=True) > 0).float()
+    if margin > 0:
+        pool = (None, F.max_pool1d, F.max_pool2d, F.max_pool3d)[region.dim() - 2]
+        region = pool(region, 2 * margin + 1, stride=1, padding=margin)
+    disagreement = uncertainty[:, num_classes + 1 : num_classes + 2]
+    if not bool(region.any()):
+        return float(disagreement.mean())
+    return float((disagreement * region).sum() / region.sum())
 
 
 def model_variants(network: nn.Module, names: Sequence[str] = MODEL_NAMES) -> dict[str, nn.Module]:

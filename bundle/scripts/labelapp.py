@@ -1,0 +1,201 @@
+"""
+MONAI Label backend: serve the bundle, retrain both networks on the datastore, and rank the
+unlabeled images by how much the two networks disagree on them.
+
+Needs ``monailabel`` (0.8.5; it pins numpy<2, so give it its own environment) and is not imported by
+``import monai_dualssl``. Start a server on a folder of images with the ready app in ``APP_DIR``::
+
+    monailabel start_server --app "$(python -c 'import monai_dualssl.labelapp as m; print(m.APP_DIR)')" \\
+        --studies /data/images --conf bundle /path/to/bundle
+
+The app offers the infer and train task ``dualssl``, the scoring method ``disagreement`` (run after
+every training and every "next sample" request) and the strategy ``disagreement`` (the unlabeled
+image of highest score), beside MONAI Label's ``random`` and ``first``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.bundle import ConfigParser
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.tasks.activelearning.epistemic import Epistemic
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
+from monailabel.tasks.infer.bundle import BundleInferTask
+from monailabel.tasks.train.bundle import BundleTrainTask
+from monailabel.utils.others.generic import name_to_device
+
+from .evaluation import disagreement_score, load_weights
+
+__all__ = ["APP_DIR", "DisagreementScoring", "DualSSLApp", "DualSSLInferTask", "DualSSLTrainTask", "default_bundle"]
+
+logger = logging.getLogger(__name__)
+
+APP_DIR = str(Path(__file__).resolve().parent / "app")
+SCORE_KEY = "dualssl_disagreement"
+
+
+def default_bundle() -> str:
+    """The bundle folder this package was installed from (``bundle/``, holding ``configs`` and ``models``).
+
+    Raises:
+        FileNotFoundError: the package is not inside a bundle folder (a wheel install); pass ``--conf bundle``.
+    """
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "configs" / "inference.json").is_file():
+        raise FileNotFoundError(
+            f"no bundle found at {root} (expected configs/inference.json); start the server with --conf bundle <folder>."
+        )
+    return str(root)
+
+
+class DualSSLInferTask(BundleInferTask):
+    """MONAI Label's :class:`BundleInferTask` for this bundle (``inference.json``, ``models/model.pt``).
+
+    The request key ``image_path`` is held back while the preprocessing runs: MONAI 1.6's ``Spacingd``
+    updates every key starting with ``image_`` as if it were a metadata dict, which fails on that string.
+    """
+
+    def run_pre_transforms(self, data: dict, transforms):
+        path = data.pop("image_path", None)
+        data = super().run_pre_transforms(data, transforms)
+        if path is not None:
+            data["image_path"] = path
+        return data
+
+
+class DualSSLTrainTask(BundleTrainTask):
+    """MONAI Label's :class:`BundleTrainTask` training both networks semi-supervised on the datastore.
+
+    The datastore's labeled images (minus the ``val_split`` share, which validates) are the labeled set,
+    its unlabeled images the unlabeled set (none: supervised only); training continues from
+    ``models/model.pt`` (both networks) and writes the best ensemble back there, where the infer task
+    picks it up. ``max_epochs`` of a request counts the bundle's epochs of ``epoch_length`` iterations,
+    so the lr schedule and ramp-up (fractions of ``max_iterations``) follow it.
+
+    Args:
+        path: the bundle folder.
+        conf: the app's configuration.
+        overrides: bundle config values for every run (e.g. ``{"patch_size": [96, 96, 64]}``).
+        kwargs: passed to :class:`BundleTrainTask`.
+    """
+
+    def __init__(self, path: str, conf: dict, overrides: dict | None = None, **kwargs):
+        super().__init__(path, conf, **kwargs)
+        self.overrides = dict(overrides or {})
+        self._unlabeled: list[dict] = []
+
+    def __call__(self, request: dict, datastore: Datastore):
+        self._unlabeled = [{"image": datastore.get_image_uri(i)} for i in datastore.get_unlabeled_images()]
+        logger.info(f"Unlabeled images for training: {len(self._unlabeled)}")
+        return super().__call__(request, datastore)
+
+    def _update_overrides(self, overrides: dict) -> dict:
+        epochs = int(overrides.pop(self.const.key_train_trainer_max_epochs()))
+        overrides.update({"run_name": "monailabel", "resume": False, **self.overrides})
+        epoch_length = int(overrides.get("epoch_length", self.bundle_config["epoch_length"]))
+        overrides["max_iterations"] = epochs * epoch_length
+        if self._unlabeled:
+            overrides["train#unlabeled_dataset#data"] = self._unlabeled
+        else:
+            overrides["train#trainer#unlabeled_data_loader"] = None
+        key_val = self.const.key_validate_dataset_data()
+        if not overrides.get(key_val):  # the bundle's own validation list is not the datastore's
+            logger.warning("no validation images (val_split): the best model is chosen on the training images")
+            overrides[key_val] = overrides[self.const.key_train_dataset_data()]
+        return overrides
+
+
+class DisagreementScoring(ScoringMethod):
+    """
+    Score every unlabeled image by the disagreement of the two networks (see
+    :func:`monai_dualssl.evaluation.disagreement_score`): the mean symmetric KL between their softmax
+    maps over the predicted foreground dilated by ``margin`` voxels. Images are re-scored when
+    ``models/model.pt`` changes. Scores go to the datastore's image info under ``key``.
+
+    Args:
+        path: the bundle folder.
+        config: the inference config in ``configs`` (network, preprocessing, inferer).
+        margin: dilation of the predicted foreground, in voxels of the preprocessed image.
+        key: image-info key of the score (``<key>_ts`` holds the model's time stamp).
+    """
+
+    def __init__(self, path: str, config: str = "inference.json", margin: int = 3, key: str = SCORE_KEY):
+        super().__init__("Disagreement of the two networks (mean KL) over the predicted foreground and its margin")
+        self.path, self.margin, self.key, self.key_ts = path, margin, key, f"{key}_ts"
+        self.model_path = os.path.join(path, "models", "model.pt")
+        self.parser = ConfigParser()
+        self.parser.read_config(os.path.join(path, "configs", config))
+        self.parser["bundle_root"] = path
+        self._cache: tuple[Any, float, str] | None = None
+
+    def _network(self, device: str, model_ts: float):
+        if self._cache is None or self._cache[1:] != (model_ts, device):
+            self.parser["device"] = device
+            self.parser.parse()
+            net = load_weights(self.parser.get_parsed_content("network_def"), self.model_path)
+            net.output = "uncertainty"
+            self._cache = (net.to(device).eval(), model_ts, device)
+        return self._cache[0]
+
+    def score(self, image: str, device: str = "cpu") -> float:
+        """The disagreement score of one image file."""
+        net = self._network(device, os.stat(self.model_path).st_mtime)
+        data = self.parser.get_parsed_content("preprocessing")({"image": image})
+        x = torch.as_tensor(data["image"])[None].to(device)
+        with torch.no_grad():
+            out = self.parser.get_parsed_content("inferer")(x, net)
+        return disagreement_score(out, margin=self.margin)
+
+    def __call__(self, request: dict, datastore: Datastore) -> dict:
+        if not os.path.exists(self.model_path):
+            logger.warning(f"no model at {self.model_path}: nothing scored")
+            return {}
+        start, device = time.time(), name_to_device(request.get("device"))
+        model_ts = int(os.stat(self.model_path).st_mtime)
+        images = datastore.get_unlabeled_images()
+        todo = [i for i in images if datastore.get_image_info(i).get(self.key_ts) != model_ts]
+        for image_id in todo:
+            score = self.score(datastore.get_image_uri(image_id), device)
+            datastore.update_image_info(image_id, {self.key: score, self.key_ts: model_ts})
+            logger.info(f"{self.key}: {image_id} => {score:.5f}")
+        return {"total": len(images), "executed": len(todo), "latency": round(time.time() - start, 3)}
+
+
+class DualSSLApp(MONAILabelApp):
+    """The MONAI Label app of this bundle; ``--conf bundle <folder>`` picks the bundle (default: the
+    folder the package was installed from)."""
+
+    def __init__(self, app_dir: str, studies: str, conf: dict):
+        self.bundle = conf.get("bundle") or default_bundle()
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="monai_dualssl",
+            description="Dual-network uncertainty-guided semi-supervised 3D segmentation",
+        )
+
+    def init_infers(self):
+        return {"dualssl": DualSSLInferTask(self.bundle, self.conf)}
+
+    def init_trainers(self):
+        return {"dualssl": DualSSLTrainTask(self.bundle, self.conf)}
+
+    def init_scoring_methods(self):
+        return {"disagreement": DisagreementScoring(self.bundle)}
+
+    def init_strategies(self):
+        return {
+            "disagreement": Epistemic(k=1, key=SCORE_KEY, desc="Unlabeled image the two networks disagree on most"),
+            "random": Random(),
+            "first": First(),
+        }

@@ -1,0 +1,98 @@
+"""MONAI Label backend: inference, retraining and disagreement ranking through MONAI Label's own tasks.
+
+Runs in the MONAI Label environment (tests/monailabel_env.sh); test_labelapp_env.py runs this file
+there from the main suite.
+"""
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("monailabel", reason="runs in the MONAI Label environment (test_labelapp_env.py)")
+
+from monai.bundle import ConfigParser  # noqa: E402
+from monailabel.datastore.local import LocalDatastore  # noqa: E402
+from monailabel.interfaces.utils.app import app_instance  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+from conftest import CONFIGS  # noqa: E402
+from monai_dualssl.labelapp import APP_DIR, SCORE_KEY, DualSSLInferTask, DualSSLTrainTask  # noqa: E402
+
+TINY_NET = {"n_filters": 4, "resnet_blocks": [1, 1, 1, 1], "vnet_stages": [1, 1, 1, 1, 1], "proj_dim": 8}
+
+
+@pytest.fixture
+def bundle(tmp_path):
+    """The bundle's configs with tiny networks and a model.pt of random weights, in a temporary folder."""
+    root = tmp_path / "bundle"
+    shutil.copytree(CONFIGS, root / "configs")
+    infer = json.loads((root / "configs" / "inference.json").read_text())
+    infer.update(TINY_NET)
+    (root / "configs" / "inference.json").write_text(json.dumps(infer, indent=2))
+    parser = ConfigParser()
+    parser.read_config(str(root / "configs" / "inference.json"))
+    torch.manual_seed(0)
+    (root / "models").mkdir()
+    torch.save(parser.get_parsed_content("network_def").state_dict(), root / "models" / "model.pt")
+    return root
+
+
+def volume(path, shape=(40, 36, 20), seed=0):
+    """A NIfTI image with a bright ball, anisotropic voxels and an oblique-free but shifted affine."""
+    rng = np.random.default_rng(seed)
+    grid = np.indices(shape).astype(np.float32)
+    ball = sum((g - s / 2) ** 2 / (s / 4) ** 2 for g, s in zip(grid, shape)) < 1
+    image = ball * 2.0 + rng.normal(0, 0.3, shape).astype(np.float32)
+    affine = np.diag([0.9, 1.1, 2.0, 1.0])
+    affine[:3, 3] = [-20.0, 15.0, 4.0]
+    nib.save(nib.Nifti1Image(image.astype(np.float32), affine), path)
+    return ball.astype(np.uint8), affine
+
+
+def test_bundle_infer_task_returns_label_in_input_geometry(bundle, tmp_path):
+    _, affine = volume(tmp_path / "case.nii.gz")
+    task = DualSSLInferTask(str(bundle), {})
+    assert task.is_valid() and task.labels == {"foreground": 1}
+    label_file, result = task({"image": str(tmp_path / "case.nii.gz"), "device": "cpu"})
+    label = nib.load(label_file)
+    assert label.shape == (40, 36, 20)
+    assert np.allclose(label.affine, affine, atol=1e-5)
+    assert set(np.unique(np.asarray(label.dataobj))) <= {0, 1}
+    assert result["label_names"] == {"foreground": 1}
+
+
+def datastore(root, labeled=3, unlabeled=2):
+    """A MONAI Label local datastore: ``labeled`` images with final labels and ``unlabeled`` without."""
+    (root / "labels" / "final").mkdir(parents=True)
+    for i in range(labeled + unlabeled):
+        ball, affine = volume(root / f"case{i}.nii.gz", shape=(32, 32, 20), seed=i)
+        if i < labeled:
+            nib.save(nib.Nifti1Image(ball, affine), root / "labels" / "final" / f"case{i}.nii.gz")
+    return LocalDatastore(str(root), extensions=("*.nii.gz",), auto_reload=False)
+
+
+def test_bundle_train_task_updates_both_networks(bundle, tmp_path):
+    store = datastore(tmp_path / "studies")
+    assert len(store.get_labeled_images()) == 3 and len(store.get_unlabeled_images()) == 2
+    before = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    overrides = {**TINY_NET, "patch_size": [32, 32, 16], "epoch_length": 2, "val_interval": 2,
+                 "batch_labeled": 1, "batch_unlabeled": 1, "rampup_iterations": 2, "log_interval": 1, "num_workers": 0}
+    task = DualSSLTrainTask(str(bundle), {}, overrides=overrides)
+    assert task.is_valid()
+    task({"model": "dualssl", "max_epochs": 1, "val_split": 0.34, "device": "cpu", "multi_gpu": False}, store)
+
+    after = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    assert after.keys() == before.keys()
+    for net in ("net_a.", "net_b."):
+        changed = [k for k in before if k.startswith(net) and not torch.equal(before[k], after[k])]
+        assert changed, f"{net} weights unchanged"
+    run = bundle / "runs" / "monailabel"
+    state = torch.load(run / "checkpoints" / "final.pt", weights_only=True)
+    assert state["trainer"]["iteration"] == 2  # one epoch of epoch_length iterations
+    logs = EventAccumulator(str(run))
+    logs.Reload()
+    assert {"loss_cps", "loss_cos"} <= set(logs.Tags()["scalars"])  # the unlabeled images were used
