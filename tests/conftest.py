@@ -40,6 +40,7 @@ def tiny_overrides(dataset: Path, bundle_root: Path, **extra) -> dict:
     """Config overrides for a few-second run of train.yaml on ``dataset``, writing under ``bundle_root``."""
     overrides = {
         "bundle_root": str(bundle_root),
+        "model_dir": str(bundle_root / "models"),
         "synthetic": False,
         "dataset_dir": str(dataset),
         "patch_size": [32, 32, 16],

@@ -79,9 +79,10 @@ def test_verify_net_in_out(n):
 
 def test_config_networks():
     parser = parser_of(device="$torch.device('cpu')")
-    train = ConfigParser.load_config_file(str(CONFIGS / "train.yaml"))
-    for key in ("n_filters", "resnet_blocks", "vnet_stages", "proj_dim", "num_classes", "patch_size"):
-        assert parser[key] == train[key], key  # the trained model.pt loads into network_def
+    train = ConfigParser()  # the shipped model.pt was trained with la_cpu.yaml
+    train.read_config([str(CONFIGS / f) for f in ("train.yaml", "la.yaml", "la_cpu.yaml")])
+    for key in ("n_filters", "resnet_blocks", "vnet_stages", "proj_dim", "num_classes", "patch_size", "pixdim", "spacing"):
+        assert parser[key] == train[key], key  # model.pt loads into network_def and sees what it was trained on
     assert parser["inferer"]["roi_size"] == "@patch_size"
     net = parser.get_parsed_content("uncertainty_network").eval()
     with torch.no_grad():
@@ -237,6 +238,7 @@ def test_inference_keeps_voxel_correspondence(inference_run, tmp_path):
         amp=False,
         num_workers=0,
         uncertainty_network=_AboveMean(),
+        pixdim=[0, 0, 0],  # no resampling: the output grid is the input's, voxel for voxel
         **{"inferer#roi_size": [32, 32, 16]},
         **TINY,
     )
@@ -293,10 +295,16 @@ def test_input_expansion(tmp_path):
         (study / s / "1.dcm").write_bytes(b"")
     assert expand(study) == ([str(study / "s1"), str(study / "s2")], str(study))
 
-    parser = parser_of(input=str(files))
-    assert parser.get_parsed_content("image_reader") is not None  # h5 present: H5Reader first
-    parser = parser_of(input=str(files / "b.nii.gz"))
-    assert parser.get_parsed_content("image_reader") is None  # MONAI's readers, chosen by suffix
+
+
+def test_h5_reader_leaves_other_files_to_monai(tmp_path):
+    """inference.json's reader takes h5 files by suffix; anything else goes to MONAI's own readers."""
+    reader = parser_of().get_parsed_content("image_reader")
+    assert reader.verify_suffix("case.h5") and not reader.verify_suffix("case.nii.gz")
+    image = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    nib.save(nib.Nifti1Image(image, np.diag([2.0, 3.0, 4.0, 1.0])), tmp_path / "x.nii.gz")
+    loaded = LoadImage(reader=reader, image_only=True)(str(tmp_path / "x.nii.gz"))
+    assert np.array_equal(np.asarray(loaded), image) and np.allclose(loaded.pixdim, [2, 3, 4])
 
 
 # ----------------------------------------------------------------------------------------------

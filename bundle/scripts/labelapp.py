@@ -100,7 +100,8 @@ class DualSSLTrainTask(BundleTrainTask):
 
     def _update_overrides(self, overrides: dict) -> dict:
         epochs = int(overrides.pop(self.const.key_train_trainer_max_epochs()))
-        overrides.update({"run_name": "monailabel", "resume": False, **self.overrides})
+        models = os.path.join(self.bundle_path, "models")  # where the infer task reads model.pt
+        overrides.update({"run_name": "monailabel", "model_dir": models, "resume": False, **self.overrides})
         epoch_length = int(overrides.get("epoch_length", self.bundle_config["epoch_length"]))
         overrides["max_iterations"] = epochs * epoch_length
         if self._unlabeled:
