@@ -15,6 +15,7 @@ import torch
 pytest.importorskip("monailabel", reason="runs in the MONAI Label environment (test_labelapp_env.py)")
 
 from monai.bundle import ConfigParser  # noqa: E402
+from monailabel.config import settings  # noqa: E402
 from monailabel.datastore.local import LocalDatastore  # noqa: E402
 from monailabel.interfaces.utils.app import app_instance  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
@@ -96,3 +97,22 @@ def test_bundle_train_task_updates_both_networks(bundle, tmp_path):
     logs = EventAccumulator(str(run))
     logs.Reload()
     assert {"loss_cps", "loss_cos"} <= set(logs.Tags()["scalars"])  # the unlabeled images were used
+
+
+def test_app_serves_the_bundle_and_next_sample_is_the_most_uncertain(bundle, tmp_path, monkeypatch):
+    monkeypatch.setattr(settings, "MONAI_LABEL_AUTO_UPDATE_SCORING", False)  # no server to call back
+    studies = tmp_path / "studies"
+    datastore(studies, labeled=1, unlabeled=3)
+    app = app_instance(app_dir=APP_DIR, studies=str(studies), conf={"bundle": str(bundle)})
+    info = app.info()
+    assert set(info["models"]) == {"dualssl"} and set(info["trainers"]) == {"dualssl"}
+    assert {"disagreement", "random", "first"} <= set(info["strategies"]) and set(info["scoring"]) == {"disagreement"}
+
+    store = app.datastore()
+    summary = app.scoring({"method": "disagreement", "device": "cpu"})
+    assert summary["executed"] == 3
+    scores = {i: store.get_image_info(i)[SCORE_KEY] for i in store.get_unlabeled_images()}
+    assert len(scores) == 3 and all(s >= 0 for s in scores.values())
+    assert app.next_sample({"strategy": "disagreement"})["id"] == max(scores, key=scores.get)
+    # scores are kept until model.pt changes
+    assert app.scoring({"method": "disagreement", "device": "cpu"})["executed"] == 0
