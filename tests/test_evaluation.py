@@ -314,3 +314,19 @@ def test_evaluate_yaml_end_to_end(tmp_path, tiny_dataset, protocol):
     assert {"dice", "jaccard", "hd95_vox", "asd_vox", "hd95_mm", "asd_mm", "assd_mm"} <= set(entry)
     assert set(summary["seconds_per_volume"]) == {"ensemble", "net_a", "net_b"}
     assert (eval_dir / "summary.md").read_text().count("| ensemble |") == 2
+
+
+def test_disagreement_score_by_hand():
+    d = torch.arange(7.0).pow(2).view(1, 1, 7, 1, 1)  # D = 0, 1, 4, ..., 36
+    fg = torch.zeros(1, 1, 7, 1, 1)
+    fg[0, 0, 3] = 0.9  # predicted foreground at voxel 3 only
+    u = torch.cat([1 - fg, fg, torch.zeros_like(d), d], dim=1)  # p (2 classes), entropy, disagreement
+    assert evaluation.disagreement_score(u, margin=0) == pytest.approx(9.0)
+    assert evaluation.disagreement_score(u, margin=1) == pytest.approx((4 + 9 + 16) / 3)
+    assert evaluation.disagreement_score(u, margin=5) == pytest.approx(91 / 7)  # the whole line
+    none = torch.cat([torch.ones_like(d), torch.zeros_like(d), torch.zeros_like(d), d], dim=1)
+    assert evaluation.disagreement_score(none, margin=1) == pytest.approx(91 / 7)  # nothing predicted: all voxels
+    with pytest.raises(ValueError, match=r"\[1, C \+ 2"):
+        evaluation.disagreement_score(u[:, :3])
+    with pytest.raises(ValueError, match="found"):
+        evaluation.disagreement_score(torch.cat([u, u]))
