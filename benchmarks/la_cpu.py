@@ -95,13 +95,37 @@ def one_run(name: str, dataset_dir: str, threads: int | None) -> dict:
     return record
 
 
+def _cell(metric: dict, scale: float = 1.0) -> str:
+    return "-" if metric["mean"] is None else f"{metric['mean'] * scale:.2f} ± {metric['std'] * scale:.2f}"
+
+
+def table(records: list[dict]) -> str:
+    """Markdown table of the records: the ensemble's metrics (mean ± std over the validation cases,
+    without and with largest-component post-processing) and each network's Dice."""
+    lines = [
+        "| run | iterations | train (min) | Dice % | Dice % (LCC) | Jaccard % | 95HD (vox) | ASD (vox) | 95HD (mm) | ASD (mm) | Dice % A / B |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        m = r["metrics"]
+        ens, lcc = m["ensemble"]["none"]["1"], m["ensemble"]["lcc"]["1"]
+        a, b = m["net_a"]["none"]["1"]["dice"]["mean"], m["net_b"]["none"]["1"]["dice"]["mean"]
+        lines.append(
+            f"| {r['run']} | {r['iterations']} | {r['train_wall_seconds'] / 60:.0f} | {_cell(ens['dice'], 100)} "
+            f"| {_cell(lcc['dice'], 100)} | {_cell(ens['jaccard'], 100)} | {_cell(ens['hd95_vox'])} | {_cell(ens['asd_vox'])} "
+            f"| {_cell(ens['hd95_mm'])} | {_cell(ens['asd_mm'])} | {a * 100:.2f} / {b * 100:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def collect(output: Path) -> None:
-    """Gather every ``runs/la_cpu_<run>/record.json`` (in RUNS order) into ``output``."""
+    """Gather every ``runs/la_cpu_<run>/record.json`` (in RUNS order) into ``output``; print the table."""
     records = [json.loads(p.read_text()) for name in RUNS
                if (p := BUNDLE / "runs" / f"la_cpu_{name}" / "record.json").is_file()]
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(records, indent=2) + "\n")
     print(f"{len(records)} runs -> {output}")
+    print(table(records))
 
 
 def main() -> None:

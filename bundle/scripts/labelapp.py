@@ -3,7 +3,8 @@ MONAI Label backend: serve the bundle, retrain both networks on the datastore, a
 unlabeled images by how much the two networks disagree on them.
 
 Needs ``monailabel`` (0.8.5; it pins numpy<2, so give it its own environment) and is not imported by
-``import monai_dualssl``. Start a server on a folder of images with the ready app in ``APP_DIR``::
+``import monai_dualssl``. Start a server on a folder of images with the ready app in ``APP_DIR``,
+from that environment (activated: the ``monailabel`` launcher runs the ``python`` on PATH)::
 
     monailabel start_server --app "$(python -c 'import monai_dualssl.labelapp as m; print(m.APP_DIR)')" \\
         --studies /data/images --conf bundle /path/to/bundle
