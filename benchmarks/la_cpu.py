@@ -31,6 +31,7 @@ RUNS = {
     "no_kl": {"configs": [], "overrides": {"kl_weighting": False}},
     "no_proto": {"configs": [], "overrides": {"use_proto": False}},
     "no_filter": {"configs": [], "overrides": {"entropy_filter": False}},
+    "short_rampup": {"configs": [], "overrides": {"rampup_iterations": 100}},
 }
 SUMMARY_KEYS = ("dice", "jaccard", "hd95_vox", "asd_vox", "hd95_mm", "asd_mm")
 
