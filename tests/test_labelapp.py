@@ -116,3 +116,30 @@ def test_app_serves_the_bundle_and_next_sample_is_the_most_uncertain(bundle, tmp
     assert app.next_sample({"strategy": "disagreement"})["id"] == max(scores, key=scores.get)
     # scores are kept until model.pt changes
     assert app.scoring({"method": "disagreement", "device": "cpu"})["executed"] == 0
+
+
+def test_scoring_ranks_an_ambiguous_volume_above_a_clean_one(tmp_path, monkeypatch):
+    """The shipped LA model on a validation case: the same case with noise (sigma 1 on the z-scored
+    image) makes the two networks disagree more than the clean case, and "next sample" picks it."""
+    import h5py
+
+    from conftest import REPO, require_la
+
+    la = require_la()
+    case = la.joinpath("train.list").read_text().split()[-1]  # validation split: never trained on
+    h5 = la / "volumes" / case / "mri_norm2.h5"
+    image = h5py.File(h5 if h5.is_file() else la / case / "mri_norm2.h5")["image"][()].astype(np.float32)
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    affine = np.diag([0.625, 0.625, 0.625, 1.0])
+    noisy = image + np.random.default_rng(0).normal(0, 1.0, image.shape).astype(np.float32)
+    nib.save(nib.Nifti1Image(image, affine), studies / "clean.nii.gz")
+    nib.save(nib.Nifti1Image(noisy, affine), studies / "ambiguous.nii.gz")
+
+    monkeypatch.setattr(settings, "MONAI_LABEL_AUTO_UPDATE_SCORING", False)
+    app = app_instance(app_dir=APP_DIR, studies=str(studies), conf={"bundle": str(REPO / "bundle")})
+    app.scoring({"method": "disagreement", "device": "cpu"})
+    store = app.datastore()
+    clean, ambiguous = (store.get_image_info(i)[SCORE_KEY] for i in ("clean", "ambiguous"))
+    assert ambiguous > 1.5 * clean > 0
+    assert app.next_sample({"strategy": "disagreement"})["id"] == "ambiguous"
