@@ -32,6 +32,8 @@ RUNS = {
     "no_proto": {"configs": [], "overrides": {"use_proto": False}},
     "no_filter": {"configs": [], "overrides": {"entropy_filter": False}},
     "short_rampup": {"configs": [], "overrides": {"rampup_iterations": 100}},
+    # the ceiling of the budget: supervised on all 64 training cases labeled
+    "all_labeled": {"configs": ["bundle/configs/supervised.yaml"], "overrides": {"num_labeled": 64}},
 }
 SUMMARY_KEYS = ("dice", "jaccard", "hd95_vox", "asd_vox", "hd95_mm", "asd_mm")
 
