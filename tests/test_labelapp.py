@@ -143,3 +143,15 @@ def test_scoring_ranks_an_ambiguous_volume_above_a_clean_one(tmp_path, monkeypat
     clean, ambiguous = (store.get_image_info(i)[SCORE_KEY] for i in ("clean", "ambiguous"))
     assert ambiguous > 1.5 * clean > 0
     assert app.next_sample({"strategy": "disagreement"})["id"] == "ambiguous"
+
+
+def test_monailabel_epistemic_scoring_sets_dropout_on_network_def(bundle, tmp_path):
+    """MONAI Label's own dropout-based scoring: BundleInferTask sets ``dropout`` on network_def."""
+    from monailabel.tasks.scoring.epistemic_v2 import EpistemicScoring
+
+    store = datastore(tmp_path / "studies", labeled=1, unlabeled=2)
+    task = DualSSLInferTask(str(bundle), {}, dropout=0.3, train_mode=True, skip_writer=True)
+    assert task.bundle_config["network_def"]["dropout"] == 0.3
+    summary = EpistemicScoring(task, max_samples=0, simulation_size=2)({"device": "cpu", "max_workers": 1}, store)
+    assert summary["executed"] == 2
+    assert all(store.get_image_info(i)["epistemic_entropy"] >= 0 for i in store.get_unlabeled_images())
