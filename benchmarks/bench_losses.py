@@ -38,10 +38,11 @@ def full_step(net: DualNet, x: torch.Tensor, y: torch.Tensor, losses: dict) -> t
     z_a, f_a = net.net_a.forward_features(x, n)  # features of the unlabeled half, as the trainer asks
     z_b, f_b = net.net_b.forward_features(x, n)
     sup = losses["sup"]
-    sup_a, sup_b = sup(z_a[:n], y, z_b[:n]), sup(z_b[:n], y, z_a[:n])
+    (l_a, u_a), (l_b, u_b) = z_a.split([n, len(z_a) - n]), z_b.split([n, len(z_b) - n])  # as the trainer
+    sup_a, sup_b = sup(l_a, y, l_b), sup(l_b, y, l_a)
     total = sup_a + sup_b
-    total = total + losses["cps"](z_a[n:], z_b[n:])
-    total = total + 0.1 * losses["proto"](torch.where(sup_a > sup_b, f_a, f_b), z_a[n:], z_b[n:])  # the weaker
+    total = total + losses["cps"](u_a, u_b)
+    total = total + 0.1 * losses["proto"](torch.where(sup_a > sup_b, f_a, f_b), u_a, u_b)  # the weaker
     return total + losses["cos"](z_a, z_b)
 
 

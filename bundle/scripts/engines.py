@@ -164,21 +164,21 @@ class DualSSLTrainer(Trainer):
         image = batch[Keys.IMAGE] if isinstance(batch, dict) else batch
         return image.to(self.state.device, non_blocking=self.non_blocking, **self.to_kwargs)
 
-    def _unsupervised(self, out: dict, n: int, z_a, z_b, f_a, f_b) -> torch.Tensor:
-        """Weighted unlabeled terms; ``n`` is the labeled batch size (logits ``[:n]`` are labeled, the
-        features ``f_a``, ``f_b`` are the unlabeled samples' only)."""
+    def _unsupervised(self, out: dict, z_a, z_b, u_a, u_b, f_a, f_b) -> torch.Tensor:
+        """Weighted unlabeled terms: ``u_a``, ``u_b`` are the unlabeled samples' logits, ``f_a``, ``f_b``
+        their features; ``z_a``, ``z_b`` the whole batch's logits (for the cosine term)."""
         w = self.state.loss_weights
         total = z_a.new_zeros(())
         if self.cps_loss is not None and w["cps"] > 0:
-            out["loss_cps"] = self.cps_loss(z_a[n:], z_b[n:])
+            out["loss_cps"] = self.cps_loss(u_a, u_b)
             total = total + w["cps"] * out["loss_cps"]
         if f_a is not None and w["proto"] > 0:
             if self.proto_on == "weaker":
                 weaker_a = out["dice_a"] > out["dice_b"]  # a device tensor: no host round-trip
                 out["proto_on_a"] = weaker_a.float()
-                out["loss_proto"] = self.proto_loss(torch.where(weaker_a, f_a, f_b), z_a[n:], z_b[n:])
+                out["loss_proto"] = self.proto_loss(torch.where(weaker_a, f_a, f_b), u_a, u_b)
             else:
-                out["loss_proto"] = self.proto_loss(f_a, z_a[n:], z_b[n:]) + self.proto_loss(f_b, z_b[n:], z_a[n:])
+                out["loss_proto"] = self.proto_loss(f_a, u_a, u_b) + self.proto_loss(f_b, u_b, u_a)
             total = total + w["proto"] * out["loss_proto"]
         if self.cos_loss is not None and w["cos"] > 0:
             out["loss_cos"] = self.cos_loss(z_a, z_b)
@@ -191,15 +191,17 @@ class DualSSLTrainer(Trainer):
         n = x_l.shape[0]
         z_a, f_a = self._run_a(x, n)
         z_b, f_b = self._run_b(x if self.input_transform_b is None else self.input_transform_b(x), n)
-        out[Keys.PRED] = (torch.softmax(z_a[:n].detach(), 1) + torch.softmax(z_b[:n].detach(), 1)) / 2
+        # split once: one backward node per network instead of a zero-filled copy per slice
+        (l_a, u_a), (l_b, u_b) = z_a.split([n, len(z_a) - n]), z_b.split([n, len(z_b) - n])
+        out[Keys.PRED] = (torch.softmax(l_a.detach(), 1) + torch.softmax(l_b.detach(), 1)) / 2
         self.fire_event(IterationEvents.FORWARD_COMPLETED)
         total = z_a.new_zeros(())
-        for name, z, other in (("a", z_a[:n], z_b[:n]), ("b", z_b[:n], z_a[:n])):
+        for name, z, other in (("a", l_a, l_b), ("b", l_b, l_a)):
             terms = self.supervised_loss.terms(z, y, other)
             out.update({f"{k}_{name}": v for k, v in terms.items()})
             total = total + terms["ce"] + terms["dice"] + self.supervised_loss.alpha * terms["corr"]
         if x_u is not None:
-            total = total + self._unsupervised(out, n, z_a, z_b, f_a, f_b)
+            total = total + self._unsupervised(out, z_a, z_b, u_a, u_b, f_a, f_b)
         return total
 
     def _iteration(self, engine: DualSSLTrainer, batchdata: dict[str, Any]) -> dict:
