@@ -5,8 +5,9 @@ Dice) with evaluate.yaml's field protocol, and leaves ``runs/<run>/record.json``
 exact commands, wall times, iterations and the per-metric mean and standard deviation on the
 validation cases. ``--collect`` gathers the records into one JSON file (bundle/docs/results).
 
-    python benchmarks/la_cpu.py --dataset_dir /data/la2018 --runs supervised full
-    python benchmarks/la_cpu.py --dataset_dir /data/la2018 --runs no_kl no_proto no_filter --threads 1
+    python benchmarks/la_cpu.py --dataset_dir /data/la2018 --runs full no_proto --threads 1 &
+    python benchmarks/la_cpu.py --dataset_dir /data/la2018 --runs supervised no_kl --threads 1 &
+    python benchmarks/la_cpu.py --dataset_dir /data/la2018 --runs all_labeled --threads 1
     python benchmarks/la_cpu.py --collect bundle/docs/results/la_cpu.json
 
 Runs write their best ensemble to ``runs/<run>/models/model.pt``, never to ``bundle/models``.
@@ -31,7 +32,6 @@ RUNS = {
     "no_kl": {"configs": [], "overrides": {"kl_weighting": False}},
     "no_proto": {"configs": [], "overrides": {"use_proto": False}},
     "no_filter": {"configs": [], "overrides": {"entropy_filter": False}},
-    "short_rampup": {"configs": [], "overrides": {"rampup_iterations": 100}},
     # the ceiling of the budget: supervised on all 64 training cases labeled
     "all_labeled": {"configs": ["bundle/configs/supervised.yaml"], "overrides": {"num_labeled": 64}},
 }
@@ -83,8 +83,8 @@ def one_run(name: str, dataset_dir: str, threads: int | None) -> dict:
         "run": name,
         "configs": configs,
         "overrides": spec["overrides"],
-        "train_command": " ".join(train[1:]).replace(dataset_dir, "<dataset_dir>"),
-        "evaluate_command": " ".join(evaluate[1:]).replace(dataset_dir, "<dataset_dir>"),
+        "train_command": "python " + " ".join(train[1:]).replace(dataset_dir, "<dataset_dir>"),
+        "evaluate_command": "python " + " ".join(evaluate[1:]).replace(dataset_dir, "<dataset_dir>"),
         "threads": threads,
         "train_wall_seconds": round(train_s, 1),
         "evaluate_wall_seconds": round(eval_s, 1),
