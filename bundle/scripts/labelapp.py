@@ -132,7 +132,7 @@ class DisagreementScoring(ScoringMethod):
 
     def __init__(self, path: str, config: str = "inference.json", margin: int = 3, key: str = SCORE_KEY):
         super().__init__("Disagreement of the two networks (mean KL) over the predicted foreground and its margin")
-        self.path, self.margin, self.key, self.key_ts = path, margin, key, f"{key}_ts"
+        self.margin, self.key, self.key_ts = margin, key, f"{key}_ts"
         self.model_path = os.path.join(path, "models", "model.pt")
         self.parser = ConfigParser()
         self.parser.read_config(os.path.join(path, "configs", config))
