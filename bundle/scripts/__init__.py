@@ -4,6 +4,7 @@ Importing the package registers its components, so bundle configs name them by c
 (``_target_: CrossConsistencyLoss``) after ``imports: ["$import monai_dualssl"]``.
 """
 
+from .config import *  # noqa: F401,F403
 from .data import *  # noqa: F401,F403
 from .engines import *  # noqa: F401,F403
 from .evaluation import *  # noqa: F401,F403

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import random
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from monai.engines import Trainer
+from monai.engines.workflow import Workflow
 from monai.engines.utils import IterationEvents, default_prepare_batch
 from monai.utils import CommonKeys as Keys
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
-__all__ = ["DualSSLTrainer", "loss_terms"]
+__all__ = ["DualSSLTrainer", "LoaderStream", "NonFiniteLossError", "loss_terms", "random_state", "set_random_state"]
 
 DEFAULT_WEIGHTS = {"cps": 1.0, "proto": 0.1, "cos": 1.0}
 
@@ -34,15 +37,113 @@ class _Forward(torch.nn.Module):
         return self.net.forward_features(x, start) if self.features else (self.net(x), None)
 
 
-def _cycle(loader: Iterable) -> Iterator:
-    """Endless iteration over ``loader``; a DistributedSampler gets ``set_epoch`` at every pass."""
-    epoch = 0
-    while True:
-        sampler = getattr(loader, "sampler", None)
+class LoaderStream:
+    """An endless, resumable stream of a loader's batches.
+
+    Pass ``p`` is one iteration over ``loader`` (a DistributedSampler gets ``set_epoch(p)``).
+    ``state_dict()`` is the position: the pass, the batches drawn in it and torch's random state
+    when the pass began (a shuffling sampler draws its order from it); ``load_state_dict`` starts
+    that pass again as it began and skips the batches already drawn, so the stream continues with
+    the batches an uninterrupted stream would give (the random transforms' states are restored by
+    the trainer afterwards).
+    """
+
+    def __init__(self, loader: Iterable) -> None:
+        self.loader = loader
+        self.passes, self.drawn = 0, 0
+        self._iterator: Iterator | None = None
+        self._pass_rng = torch.get_rng_state()
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> LoaderStream:
+        return self
+
+    def __next__(self) -> Any:
+        while True:
+            if self._iterator is None:
+                self._begin_pass()
+            try:
+                batch = next(self._iterator)
+            except StopIteration:
+                self._iterator, self.passes, self.drawn = None, self.passes + 1, 0
+                continue
+            self.drawn += 1
+            return batch
+
+    def _begin_pass(self) -> None:
+        sampler = getattr(self.loader, "sampler", None)
         if isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1
+            sampler.set_epoch(self.passes)
+        self._pass_rng = torch.get_rng_state()
+        self._iterator = iter(self.loader)
+
+    def state_dict(self) -> dict:
+        return {"passes": self.passes, "drawn": self.drawn, "rng": self._pass_rng}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        current = torch.get_rng_state()
+        torch.set_rng_state(state["rng"])
+        self.passes, drawn = int(state["passes"]), int(state["drawn"])
+        self._begin_pass()
+        torch.set_rng_state(current)
+        for _ in range(drawn):
+            next(self._iterator)
+        self.drawn = drawn
+
+
+def _random_states(objects: Iterable) -> list[np.random.RandomState]:
+    """The ``RandomState`` of every MONAI random transform reachable from ``objects`` (datasets, Compose), once each."""
+    found: dict[int, np.random.RandomState] = {}
+
+    def visit(obj: Any) -> None:
+        if isinstance(getattr(obj, "R", None), np.random.RandomState):
+            found.setdefault(id(obj.R), obj.R)
+        for child in getattr(obj, "transforms", None) or ():
+            visit(child)
+        if getattr(obj, "transform", None) is not None:
+            visit(obj.transform)
+
+    for obj in objects:
+        visit(getattr(obj, "dataset", obj))
+    return list(found.values())
+
+
+def _numpy_state(state: tuple) -> dict:
+    return {"keys": torch.from_numpy(state[1].astype(np.int64)), "pos": state[2], "gauss": [state[3], state[4]]}
+
+
+def _from_numpy_state(state: Mapping) -> tuple:
+    return ("MT19937", state["keys"].numpy().astype(np.uint32), state["pos"], *state["gauss"])
+
+
+def random_state(transforms: Sequence[np.random.RandomState] = ()) -> dict:
+    """Every random generator a training step draws from: Python, NumPy, torch (CPU, CUDA) and ``transforms``."""
+    return {
+        "python": random.getstate(),
+        "numpy": _numpy_state(np.random.get_state()),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "transforms": [_numpy_state(r.get_state()) for r in transforms],
+    }
+
+
+def set_random_state(state: Mapping, transforms: Sequence[np.random.RandomState] = ()) -> None:
+    """Restore a :func:`random_state` (the transforms in the same order)."""
+    random.setstate(state["python"])
+    np.random.set_state(_from_numpy_state(state["numpy"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if len(state["transforms"]) != len(transforms):
+        raise ValueError(f"checkpoint holds {len(state['transforms'])} random transform states, found {len(transforms)} transforms.")
+    for generator, saved in zip(transforms, state["transforms"]):
+        generator.set_state(_from_numpy_state(saved))
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss of an iteration is NaN or Inf; the message names the iteration and the terms."""
 
 
 class DualSSLTrainer(Trainer):
@@ -59,7 +160,13 @@ class DualSSLTrainer(Trainer):
     (``proto_on="weaker"``, chosen on the device) or the sum over both (``"both"``). The current weights
     live in ``engine.state.loss_weights`` (a ramp-up handler updates them). ``engine.state.output``
     holds every term, the weights and both learning rates for StatsHandler / TensorBoard; ``PRED``
-    is the mean softmax of both networks on the labeled batch.
+    is the mean softmax of both networks on the labeled batch. A non-finite loss stops training with a
+    :class:`NonFiniteLossError` naming the iteration and the terms, before the networks are updated.
+
+    Both loaders are read as endless :class:`LoaderStream` objects, so ``state_dict()`` (the
+    ``trainer`` entry of a checkpoint) holds, beside Ignite's counters, everything a resumed run
+    needs to continue exactly as if never stopped: both streams' positions, every random generator
+    (Python, NumPy, torch, CUDA, the datasets' random transforms) and the GradScaler.
 
     Args:
         device: device of the networks.
@@ -80,7 +187,9 @@ class DualSSLTrainer(Trainer):
         input_transform_b: optional callable applied to network B's input only (an intensity
             perturbation, so voxels still correspond); None feeds both the same input.
         epoch_length: iterations per epoch (default: ``len(train_data_loader)``).
-        amp: mixed precision (``torch.autocast`` on the device type, a GradScaler on CUDA).
+        amp: mixed precision: ``torch.autocast`` on the device type with ``amp_kwargs`` (e.g.
+            ``{"dtype": torch.bfloat16}``; default float16 on CUDA, bfloat16 on CPU) and, for float16,
+            a ``torch.amp.GradScaler``.
         distributed: wrap both networks in DistributedDataParallel (the process group must be
             initialised first); the loaders should carry DistributedSamplers.
         other arguments: as in :class:`monai.engines.SupervisedTrainer`.
@@ -124,8 +233,8 @@ class DualSSLTrainer(Trainer):
         super().__init__(
             device=device,
             max_epochs=max_epochs,
-            data_loader=train_data_loader,
-            epoch_length=epoch_length,
+            data_loader=LoaderStream(train_data_loader),
+            epoch_length=epoch_length or len(train_data_loader),
             non_blocking=non_blocking,
             prepare_batch=prepare_batch,
             handlers=train_handlers,
@@ -143,7 +252,10 @@ class DualSSLTrainer(Trainer):
         self.input_transform_b = input_transform_b
         self.optim_set_to_none = optim_set_to_none
         self.state.loss_weights = {**DEFAULT_WEIGHTS, **(loss_weights or {})}
-        self._unlabeled: Iterator | None = None
+        self._unlabeled = None if unlabeled_data_loader is None else LoaderStream(unlabeled_data_loader)
+        device_type = torch.device(device).type
+        self.amp_dtype = self.amp_kwargs.get("dtype", torch.get_autocast_dtype(device_type))
+        self.scaler = torch.amp.GradScaler(device_type, enabled=amp and self.amp_dtype == torch.float16)
         features = self.semi_supervised and proto_loss is not None and self.state.loss_weights["proto"] > 0
         self._run_a, self._run_b = _Forward(network_a, features), _Forward(network_b, features)
         if distributed:
@@ -157,9 +269,33 @@ class DualSSLTrainer(Trainer):
     def semi_supervised(self) -> bool:
         return self.unlabeled_data_loader is not None
 
+    def run(self) -> None:  # type: ignore[override]
+        """Train from the current state (MONAI's Trainer.run without replacing the GradScaler)."""
+        Workflow.run(self)
+
+    def _streams(self) -> dict[str, LoaderStream]:
+        return {"labeled": self.data_loader, **({"unlabeled": self._unlabeled} if self.semi_supervised else {})}
+
+    def _transform_states(self) -> list[np.random.RandomState]:
+        return _random_states(stream.loader for stream in self._streams().values())
+
+    def state_dict(self) -> dict:
+        """Ignite's counters plus the data streams' positions, the random generators and the GradScaler."""
+        state = super().state_dict()
+        state["streams"] = {name: stream.state_dict() for name, stream in self._streams().items()}
+        state["random"] = random_state(self._transform_states())
+        state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: Mapping) -> None:
+        super().load_state_dict(state)
+        for name, stream in self._streams().items():
+            stream.load_state_dict(state["streams"][name])
+        set_random_state(state["random"], self._transform_states())  # after the streams: skipping draws from them
+        if self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+
     def _next_unlabeled(self) -> torch.Tensor:
-        if self._unlabeled is None:
-            self._unlabeled = _cycle(self.unlabeled_data_loader)
         batch = next(self._unlabeled)
         image = batch[Keys.IMAGE] if isinstance(batch, dict) else batch
         return image.to(self.state.device, non_blocking=self.non_blocking, **self.to_kwargs)
@@ -204,6 +340,18 @@ class DualSSLTrainer(Trainer):
             total = total + self._unsupervised(out, z_a, z_b, u_a, u_b, f_a, f_b)
         return total
 
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        """Raise :class:`NonFiniteLossError` naming the non-finite terms when ``loss`` is NaN or Inf."""
+        if bool(torch.isfinite(loss)):
+            return
+        terms = {k: v for k, v in self.state.output.items() if k not in (Keys.IMAGE, Keys.LABEL, Keys.PRED)}
+        bad = [f"{k} = {float(v)}" for k, v in terms.items() if not bool(torch.isfinite(v).all())]
+        raise NonFiniteLossError(
+            f"the loss is non-finite at iteration {self.state.iteration}: {', '.join(bad)}. Training stopped before "
+            "this update; no checkpoint holding non-finite weights is written. Lower the learning rate (lr) or "
+            "check the data."
+        )
+
     def _iteration(self, engine: DualSSLTrainer, batchdata: dict[str, Any]) -> dict:
         """One step of both networks; fires FORWARD, LOSS, BACKWARD and MODEL_COMPLETED."""
         if batchdata is None:
@@ -219,14 +367,13 @@ class DualSSLTrainer(Trainer):
         with torch.autocast(device_type, enabled=engine.amp, **engine.amp_kwargs):
             loss = engine._compute_loss(x_l, y, x_u)
         engine.state.output[Keys.LOSS] = loss
+        engine._check_finite(loss)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        scaler = engine.scaler if engine.amp and device_type == "cuda" else None
-        (loss if scaler is None else scaler.scale(loss)).backward()
+        engine.scaler.scale(loss).backward()  # scale() and step() pass through when the scaler is disabled
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         for opt in optimizers:
-            opt.step() if scaler is None else scaler.step(opt)
-        if scaler is not None:
-            scaler.update()
+            engine.scaler.step(opt)
+        engine.scaler.update()
         out = engine.state.output
         for key in list(out):
             if key not in (Keys.IMAGE, Keys.LABEL, Keys.PRED):
