@@ -2,7 +2,9 @@
 
 All losses take logits ``z`` of shape ``[B, C, *spatial]`` (``C >= 2``, softmax over channels),
 work for any class count and never leave the device inside ``forward`` (no ``.item()``, no
-numpy), so they run unchanged under CUDA graphs, AMP and DDP.
+numpy), so they run unchanged under CUDA graphs, AMP and DDP. Under mixed precision they compute
+in float32: autocast is off inside, float16/bfloat16 inputs are upcast and the result is float32
+(sums over millions of voxels overflow float16's maximum of 65504).
 
 - :class:`SupervisedLoss`: CE + Dice (MONAI's :class:`~monai.losses.DiceCELoss`) plus the
   mutual-correction term :class:`MutualCorrectionLoss` (MCF).
@@ -17,6 +19,7 @@ numpy), so they run unchanged under CUDA graphs, AMP and DDP.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -42,6 +45,23 @@ def sigmoid_rampup(step: float, rampup_length: float, max_value: float = 1.0) ->
         return float(max_value)
     phase = 1.0 - min(max(float(step), 0.0) / rampup_length, 1.0)
     return float(max_value * math.exp(-5.0 * phase * phase))
+
+
+def _float32(method):
+    """Run ``method`` with autocast off and its float16/bfloat16 tensor arguments upcast to float32."""
+
+    def upcast(x):
+        return x.float() if isinstance(x, torch.Tensor) and x.dtype in (torch.float16, torch.bfloat16) else x
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        args = [upcast(a) for a in args]
+        kwargs = {k: upcast(v) for k, v in kwargs.items()}
+        device = next((a.device.type for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), "cpu")
+        with torch.autocast(device, enabled=False):
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 def _check_logits(name: str, input: torch.Tensor) -> None:
@@ -109,7 +129,8 @@ class MutualCorrectionLoss(_Loss):
 
     ``L = sum_v m_v * mean_c (p_cv - y_cv)^2 / max(sum_v m_v, 1)``
 
-    with ``y`` the one-hot label. An empty mask gives 0.
+    with ``y`` the one-hot label. An empty mask gives 0. Computes in float32 (also under autocast or on
+    float16/bfloat16 logits) and returns float32.
 
     Args:
         threshold: confidence threshold on the maximum probability. Defaults to 0.6.
@@ -127,6 +148,7 @@ class MutualCorrectionLoss(_Loss):
             raise ValueError(f"threshold must be in [0, 1], found {threshold}.")
         self.threshold = threshold
 
+    @_float32
     def mask(self, input: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         """Confident-disagreement mask ``[B, 1, *spatial]`` (bool) of two logit maps."""
 
@@ -138,6 +160,7 @@ class MutualCorrectionLoss(_Loss):
         disagree = confident_onehot(input) ^ confident_onehot(other)
         return disagree[:, 1:].any(dim=1, keepdim=True)
 
+    @_float32
     def forward(self, input: torch.Tensor, other: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """
         Args:
@@ -159,6 +182,8 @@ class SupervisedLoss(_Loss):
 
     CE and Dice are MONAI's :class:`~monai.losses.DiceCELoss` (``to_onehot_y=True, softmax=True``);
     ``L_corr`` is :class:`MutualCorrectionLoss`, skipped when ``other`` is None or ``alpha == 0``.
+    Computes in float32 (also under autocast or on float16/bfloat16 logits; MONAI's Dice sums in
+    the input's dtype) and returns float32.
 
     Args:
         alpha: weight of the mutual-correction term. Defaults to 0.5.
@@ -184,6 +209,7 @@ class SupervisedLoss(_Loss):
         )
         self.correction = MutualCorrectionLoss(threshold=threshold, reduction=self.reduction)
 
+    @_float32
     def terms(
         self, input: torch.Tensor, target: torch.Tensor, other: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
@@ -195,6 +221,7 @@ class SupervisedLoss(_Loss):
             corr = self.correction(input, other, target)
         return {"ce": self.dice_ce.ce(input, target), "dice": self.dice_ce.dice(input, target), "corr": corr}
 
+    @_float32
     def forward(self, input: torch.Tensor, target: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
         """
         Args:
@@ -223,7 +250,8 @@ class CrossConsistencyLoss(_Loss):
     the scale independent of the kept fraction. ``forward(z_a, z_b)`` returns the sum of both
     directions (A as student of B plus B as student of A), so each network gets gradient only
     through its student side. With ``kl_weighting=False``, ``w = 1`` and the ``D`` term is dropped
-    (plain entropy-filtered CPS); with ``entropy_filter=False`` every voxel is kept.
+    (plain entropy-filtered CPS); with ``entropy_filter=False`` every voxel is kept. Computes in
+    float32 (also under autocast or on float16/bfloat16 logits) and returns float32.
 
     Args:
         keep_ratio: fraction of voxels kept by the entropy filter, in (0, 1]. Defaults to 0.8.
@@ -263,6 +291,7 @@ class CrossConsistencyLoss(_Loss):
         self.temperature = temperature
         self.detach_weight = detach_weight
 
+    @_float32
     def kept(self, teacher: torch.Tensor) -> torch.Tensor:
         """Boolean ``[B, 1, *spatial]`` mask of the voxels whose pseudo-labels are used."""
         return self.kept_from_log_probs(F.log_softmax(teacher.detach().float(), dim=1))
@@ -273,6 +302,7 @@ class CrossConsistencyLoss(_Loss):
         h = -(log_t.exp() * log_t).sum(dim=1, keepdim=True)
         return lowest_fraction(h if self.filter_rule == "certain" else -h, self.keep_ratio)
 
+    @_float32
     def one_way(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         """Per-voxel loss map ``l`` ``[B, 1, *spatial]`` of ``student`` taught by ``teacher``."""
         log_t = F.log_softmax(teacher.detach().float(), dim=1)
@@ -289,6 +319,7 @@ class CrossConsistencyLoss(_Loss):
         w = torch.exp(-d)
         return (w.detach() if self.detach_weight else w) * loss + d
 
+    @_float32
     def forward(self, input: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         """
         Args:
@@ -330,6 +361,8 @@ class PrototypeContrastiveLoss(_Loss):
     Samples whose class has no prototype are skipped; no uncertain voxel or no prototype gives 0
     (never NaN). The gradient flows into the sampled features only. Sampling stays on the device:
     ``max_samples`` candidates are drawn by random scores and the first ``k`` valid ones count.
+    Computes in float32 (also under autocast or on float16/bfloat16 inputs): the per-class feature
+    sums reach about a million at the paper's patch size, beyond float16's 65504; returns float32.
 
     Args:
         temperature: InfoNCE temperature ``tau``. Defaults to 0.1.
@@ -377,6 +410,7 @@ class PrototypeContrastiveLoss(_Loss):
             reliable &= _argmax(z) == pseudo
         return pseudo.flatten(1), reliable.flatten(1)
 
+    @_float32
     def forward(
         self, features: torch.Tensor, logits: torch.Tensor, logits_other: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -422,7 +456,8 @@ class PrototypeContrastiveLoss(_Loss):
 class CosineConsistencyLoss(_Loss):
     """Cosine consistency of two probability maps: ``mean_v (1 - cos(p_A[:, v], p_B[:, v]))``.
 
-    ``p = softmax(z)`` over channels; both inputs receive gradient.
+    ``p = softmax(z)`` over channels; both inputs receive gradient. Computes in float32 (also under
+    autocast or on float16/bfloat16 logits) and returns float32.
 
     Args:
         reduction: ``"mean"`` (over voxels), ``"sum"`` or ``"none"`` (``[B, 1, *spatial]``).
@@ -434,6 +469,7 @@ class CosineConsistencyLoss(_Loss):
     def __init__(self, reduction: str = "mean") -> None:
         super().__init__(reduction=LossReduction(reduction).value)
 
+    @_float32
     def forward(self, input: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         """
         Args:
