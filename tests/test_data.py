@@ -383,3 +383,133 @@ def test_preflight_collects_all_problems(tmp_path):
     assert "case 'imagesTr/b.nii.gz' (key 'image'): spatial shape (10, 9, 7)" not in text
     assert "case 'imagesTr/u.nii.gz' (key 'image'): spatial shape (8, 8, 6) smaller than patch_size (9, 8, 6)" in text
     assert "case 'gone0.nii.gz' (key 'image'): file not found" in text
+
+
+# ---------------------------------------------------------------------------------------------- reliability
+
+TINY_SYNTH = {"num_cases": 2, "num_labeled": 1, "num_val": 0, "shape": (32, 32, 32), "seed": 5}
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "bundle" / "configs"
+MULTI_GPU = "multi_gpu_train.yaml"
+
+
+def snapshot(root):
+    """Every file under ``root`` with its size and modification time."""
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(Path(root).rglob("*"))}
+
+
+def test_synthetic_never_writes_into_a_foreign_folder(tmp_path):
+    la = make_la(tmp_path / "la", ids=IDS[:3])  # a real-data folder: train.list and h5 cases
+    msd = tmp_path / "msd"  # the user's own MSD dataset
+    write_nifti(msd / "imagesTr" / "p1.nii.gz", np.zeros((4, 4, 4), np.float32))
+    (msd / "dataset.json").write_text(json.dumps({"name": "MyHeart", "training": []}))
+    for root, listed in ((la, "train.list, volumes/"), (msd, "dataset.json, imagesTr/")):
+        before = snapshot(root)
+        for overwrite in (False, True):
+            with pytest.raises(FileExistsError) as error:
+                make_synthetic_dataset(root, overwrite=overwrite, **TINY_SYNTH)
+            assert str(error.value).startswith(f"{root}: refusing to write the synthetic demo dataset")
+            assert f"({listed})" in str(error.value) and "nothing was written" in str(error.value)
+        assert snapshot(root) == before
+
+
+def test_synthetic_overwrite_replaces_only_its_own_output(tmp_path):
+    root = tmp_path / "demo"
+    target = make_synthetic_dataset(root, **TINY_SYNTH)
+    stamp = target.stat().st_mtime_ns
+    assert make_synthetic_dataset(root, overwrite=True, **TINY_SYNTH) == target  # its own output: regenerated
+    assert target.stat().st_mtime_ns != stamp
+    foreign = write_nifti(root / "imagesTr" / "patient_07.nii.gz", np.ones((4, 4, 4), np.float32))
+    (root / "notes.txt").write_text("mine")
+    before = snapshot(root)
+    with pytest.raises(FileExistsError, match=re.escape("(imagesTr/patient_07.nii.gz, notes.txt)")):
+        make_synthetic_dataset(root, overwrite=True, **TINY_SYNTH)
+    with pytest.raises(FileExistsError, match="refusing to write"):  # reusing it is refused too
+        make_synthetic_dataset(root, **TINY_SYNTH)
+    assert snapshot(root) == before and Path(foreign).is_file()
+
+
+def test_msd_datalist_names_the_file_and_the_keys(tmp_path):
+    path = tmp_path / "dataset.json"
+    path.write_text(json.dumps({"training": [{"img": "a.nii.gz", "seg": "a_seg.nii.gz"}]}))
+    expected = f"{path}: 1 'training' item(s) lack the key(s) ['image', 'label'] that MSD 'training' items need: "
+    with pytest.raises(ValueError, match=re.escape(expected + "item 0 has keys ['img', 'seg'].")):
+        msd_datalist(path)
+    training = [{"image": f"c{i}.nii.gz", "label": f"l{i}.nii.gz"} for i in range(2)]
+    path.write_text(json.dumps({"training": training, "validation": [{"image": "v.nii.gz"}]}))
+    with pytest.raises(ValueError, match=re.escape("'validation' item(s) lack the key(s) ['image', 'label']")):
+        msd_datalist(path)
+    path.write_text(json.dumps({"training": training + ["u.nii.gz"]}))
+    hint = "item 2 has keys ['image'] (list image-only items under 'unlabeled')"
+    with pytest.raises(ValueError, match=re.escape(hint)):
+        msd_datalist(path)
+
+
+def test_preflight_multichannel_image(tmp_path):
+    datalist = good_datalist(tmp_path)
+    write_nifti(Path(datalist["labeled"][0]["image"]), np.zeros((8, 8, 6, 4), np.float32))  # 4 channels (MSD BraTS)
+    with pytest.raises(DataError, match=r"^1 dataset problem\(s\)") as error:
+        preflight(datalist, num_classes=2, patch_size=(16, 16, 16))
+    assert "case 'a.nii.gz' (key 'image'): 4 channels (shape (4, 8, 8, 6)); the networks take 1" in str(error.value)
+    brats = ConfigParser()  # brats.yaml's dataset_transform selects FLAIR: then the case is fine
+    brats.read_config([str(REPO_CONFIGS / "train.yaml"), str(REPO_CONFIGS / "brats.yaml")])
+    transform = brats.get_parsed_content("dataset_transform")
+    assert preflight(datalist, num_classes=2, patch_size=(16, 16, 16), transform=transform)["labeled"] == 2
+    with pytest.raises(DataError, match=re.escape("'a.nii.gz' (key 'image'): 1 channel after dataset_transform")):
+        preflight(datalist, num_classes=2, patch_size=(16, 16, 16), transform=transform, in_channels=4)
+
+
+def test_preflight_validation_case_without_label(tmp_path):
+    datalist = good_datalist(tmp_path)
+    datalist["validation"] = [{"image": datalist["validation"][0]["image"]}]
+    with pytest.raises(DataError) as error:
+        preflight(datalist, num_classes=2, patch_size=(16, 16, 16))
+    assert "case 'v.nii.gz' (split 'validation'): no key 'label'; validation cases need a label" in str(error.value)
+
+
+@pytest.mark.parametrize("split", ["labeled", "validation"])
+def test_preflight_every_label_empty(tmp_path, split):
+    datalist = good_datalist(tmp_path)
+    for item in datalist[split]:
+        write_nifti(Path(item["label"]), np.zeros(nib.load(item["image"]).shape, np.uint8))
+    with pytest.raises(DataError, match=r"^1 dataset problem\(s\)") as error:
+        preflight(datalist, num_classes=2, patch_size=(16, 16, 16))
+    n = len(datalist[split])
+    assert f"every {split} label (key 'label', {n} cases) is empty (background only)" in str(error.value)
+
+
+def test_preflight_warns_without_unlabeled_or_validation_cases(tmp_path):
+    for name in ("a", "b", "c"):  # every image has its label, and no num_labeled / num_val is given
+        nifti_case(tmp_path, name)
+    datalist = build_datalist(tmp_path)
+    assert datalist["unlabeled"] == [] and datalist["validation"] == []
+    with pytest.warns(UserWarning) as record:
+        preflight(datalist, num_classes=2, patch_size=(16, 16, 16))
+    messages = [str(w.message) for w in record]
+    assert any(m.startswith("preflight: no unlabeled case, all 3 cases with a label are labeled") for m in messages)
+    assert any("--num_labeled" in m and "num_samples should be a positive integer" in m for m in messages)
+    assert any(m.startswith("preflight: no validation case") and "no model.pt" in m for m in messages)
+
+
+def test_preflight_patch_size_divisible_by_16(tmp_path):
+    expected = (
+        "patch_size [40, 48, 20]: every size must be divisible by 16 (the networks downsample 4 times), found 40, 20; "
+        "nearest valid patch sizes: [32, 48, 16] or [48, 48, 32]."
+    )
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        preflight(good_datalist(tmp_path), num_classes=2, patch_size=(40, 48, 20), patch_divisor=16)
+
+
+def test_train_configs_preflight_patch_size(tiny_dataset, tmp_path):
+    """train.yaml's preflight stops a patch size the networks cannot take before any data is cached."""
+    from conftest import tiny_overrides
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO_CONFIGS / "train.yaml"))
+    parser.update(tiny_overrides(tiny_dataset, tmp_path, patch_size=[40, 40, 16]))
+    index = next(i for i, line in enumerate(parser["initialize"]) if "preflight" in line)
+    with pytest.raises(RuntimeError) as error:  # the config's "Failed to evaluate", from preflight's ValueError
+        parser.get_parsed_content(f"initialize#{index}")
+    assert "nearest valid patch sizes: [32, 32, 16] or [48, 48, 16]" in str(error.value.__cause__)
+    lines = [ConfigParser.load_config_file(str(REPO_CONFIGS / f))["initialize"] for f in ("train.yaml", MULTI_GPU)]
+    calls = [line.split("monai_dualssl.preflight", 1)[1] for line in lines[0] + lines[1] if "preflight" in line]
+    assert len(calls) == 2 and calls[0] == calls[1]  # both configs check the same way

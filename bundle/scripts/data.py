@@ -7,14 +7,18 @@
   MONAI item dicts, the three splits checked to be disjoint.
 - :func:`make_synthetic_dataset`: the bundle's default dataset, generated on first use.
 - :func:`preflight`: loads every case once and reports every problem before training starts.
+- :func:`check_inputs` / :func:`raise_failed_inputs`: the same checks for inference's images; the
+  unusable ones are skipped, then named.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,7 +26,7 @@ from pathlib import Path
 import h5py
 import nibabel as nib
 import numpy as np
-from monai.data import ImageReader
+from monai.data import ImageReader, MetaTensor
 from monai.transforms import LoadImage
 from monai.utils import ImageMetaKey, MetaKeys, SpaceKeys, ensure_tuple
 from scipy import ndimage
@@ -36,11 +40,16 @@ __all__ = [
     "build_datalist",
     "make_synthetic_dataset",
     "preflight",
+    "check_inputs",
+    "raise_failed_inputs",
 ]
 
 H5_SUFFIXES = (".h5", ".hdf5")
 SPLITS = ("labeled", "unlabeled", "validation")
 MAX_REPORTED_PROBLEMS = 20
+SYNTHETIC_NAME = "SyntheticAtrium"  # the "name" of the synthetic dataset's dataset.json: its own-output marker
+SYNTHETIC_SUBDIRS = ("imagesTr", "labelsTr")
+SYNTHETIC_CASE = re.compile(r"case_\d{3,}\.nii\.gz")
 
 
 class DataError(ValueError):
@@ -251,6 +260,21 @@ def _resolve(item: Mapping | str, base: Path) -> dict:
     return item
 
 
+def _msd_items(spec: Mapping, split: str, keys: Sequence[str], path: Path) -> list[dict]:
+    """Items of ``spec[split]`` resolved against ``path``'s folder; each must have every key of ``keys``."""
+    items = [_resolve(item, path.parent) for item in spec.get(split, [])]
+    bad = [(i, sorted(item)) for i, item in enumerate(items) if not set(keys) <= set(item)]
+    if not bad:
+        return items
+    found = "; ".join(f"item {i} has keys {k}" for i, k in bad[:5]) + ("; ..." if len(bad) > 5 else "")
+    image_only = split == "training" and all("image" in k for _, k in bad)
+    hint = " (list image-only items under 'unlabeled')" if image_only else ""
+    raise ValueError(
+        f"{path}: {len(bad)} '{split}' item(s) lack the key(s) {list(keys)} that MSD '{split}' items need: "
+        f"{found}{hint}."
+    )
+
+
 def msd_datalist(
     dataset_json: str | os.PathLike, num_labeled: int | None = None, num_val: int | None = None
 ) -> dict[str, list[dict]]:
@@ -269,7 +293,8 @@ def msd_datalist(
 
     Raises:
         FileNotFoundError: the json file is missing.
-        ValueError: no ``training`` list, a training item without ``label``, bad counts, or
+        ValueError: no ``training`` list, an item without the keys of its list (``training`` and
+            ``validation``: ``image`` and ``label``; ``unlabeled``: ``image``), bad counts, or
             overlapping splits.
     """
     path = Path(dataset_json)
@@ -279,17 +304,12 @@ def msd_datalist(
     if not isinstance(spec.get("training"), list):
         raise ValueError(f"{path}: expected a 'training' list of {{'image', 'label'}} items, found keys {list(spec)}.")
     base = path.parent
-    training = [_resolve(item, base) for item in spec["training"]]
-    unlabeled_items = [i for i, item in enumerate(training) if "label" not in item]
-    if unlabeled_items:
-        raise ValueError(
-            f"{path}: 'training' items {unlabeled_items[:10]} have no 'label'; list them under 'unlabeled'."
-        )
-    validation = [_resolve(item, base) for item in spec.get("validation", [])] or [
+    training = _msd_items(spec, "training", ("image", "label"), path)
+    validation = _msd_items(spec, "validation", ("image", "label"), path) or [
         item for item in (_resolve(i, base) for i in spec.get("test", [])) if "label" in item
     ]
     labeled, unlabeled, held_out = _split(training, num_labeled, None if validation else num_val, str(path))
-    unlabeled += [{"image": _resolve(item, base)["image"]} for item in spec.get("unlabeled", [])]
+    unlabeled += [{"image": item["image"]} for item in _msd_items(spec, "unlabeled", ("image",), path)]
     return _checked({"labeled": labeled, "unlabeled": unlabeled, "validation": validation or held_out})
 
 
@@ -470,6 +490,31 @@ def _msd_item(name: str, labeled: bool = True) -> dict:
     return {"image": f"./imagesTr/{name}", **({"label": f"./labelsTr/{name}"} if labeled else {})}
 
 
+def _is_synthetic_json(path: Path) -> bool:
+    """True when ``path`` is a ``dataset.json`` written by :func:`make_synthetic_dataset` (its name marker)."""
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(spec, dict) and spec.get("name") == SYNTHETIC_NAME
+
+
+def _foreign_entries(root: Path) -> list[str]:
+    """What in ``root`` is not :func:`make_synthetic_dataset`'s own output: anything at all when ``root``
+    has no ``dataset.json`` of the generator, else anything but that file and the case files of
+    ``imagesTr/`` and ``labelsTr/`` (empty: ``root`` is missing, empty or the generator's own)."""
+    if not root.is_dir():
+        return [f"{root.name} (not a folder)"] if root.exists() else []
+    own = _is_synthetic_json(root / "dataset.json")
+    found = []
+    for entry in sorted(root.iterdir()):
+        if own and entry.name in SYNTHETIC_SUBDIRS and entry.is_dir():
+            found += [f"{entry.name}/{f.name}" for f in sorted(entry.iterdir()) if not SYNTHETIC_CASE.fullmatch(f.name)]
+        elif not (own and entry.name == "dataset.json"):
+            found.append(entry.name + ("/" if entry.is_dir() else ""))
+    return found
+
+
 def make_synthetic_dataset(
     root: str | os.PathLike,
     num_cases: int = 24,
@@ -494,9 +539,14 @@ def make_synthetic_dataset(
     regions, partial-volume blur, a smooth multiplicative bias field (about +-25 %), Gaussian
     noise, then z-scoring per volume. Case ``i`` depends only on ``(seed, i)``.
 
-    Nothing is written when ``root/dataset.json`` exists (unless ``overwrite``). Cases are written
-    to a temporary folder beside ``root`` and moved in, ``dataset.json`` last, so an interrupted
-    run never leaves a dataset that looks complete. Call it from one process (e.g. rank 0).
+    The generator writes only into a missing or empty folder, or over its own earlier output
+    (recognised by its ``dataset.json``, whose ``name`` is ``"SyntheticAtrium"``, beside
+    ``imagesTr/`` and ``labelsTr/`` holding only ``case_XXX.nii.gz`` files); any other file in
+    ``root`` (a ``train.list``, h5 or NIfTI files, a foreign ``dataset.json``, ...) makes it refuse
+    without writing anything, with or without ``overwrite``. Its own earlier output is reused as is
+    (unless ``overwrite``). Cases are written to a temporary folder beside ``root`` and moved in,
+    ``dataset.json`` last, so an interrupted run never leaves a dataset that looks complete. Call
+    it from one process (e.g. rank 0).
 
     Args:
         root: dataset folder.
@@ -505,18 +555,28 @@ def make_synthetic_dataset(
         num_val: cases listed under ``validation``.
         shape: mean volume shape (x, y, z), each at least 32.
         seed: generator seed.
-        overwrite: regenerate even if ``root/dataset.json`` exists.
+        overwrite: regenerate the generator's own earlier output (never anything else).
 
     Returns:
         the path of ``root/dataset.json``.
 
     Raises:
         ValueError: bad counts or shape.
-        FileExistsError: ``root`` holds ``imagesTr``/``labelsTr`` but no ``dataset.json`` (not
-            overwritten unless ``overwrite``).
+        FileExistsError: ``root`` holds anything but the generator's own output (the message names
+            the folder and lists what it found); nothing is written.
     """
     root = Path(root)
     target = root / "dataset.json"
+    foreign = _foreign_entries(root)
+    if foreign:
+        listed = ", ".join(foreign[:10]) + (f", ... ({len(foreign)} in all)" if len(foreign) > 10 else "")
+        mark = "" if _is_synthetic_json(target) else "; it has no dataset.json written by the generator"
+        raise FileExistsError(
+            f"{root}: refusing to write the synthetic demo dataset into this folder: it holds files that are "
+            f"not the generator's own output ({listed}){mark}. The generator only writes into a missing or "
+            "empty folder or over its own earlier output; nothing was written. Point dataset_dir at another "
+            "folder, or set synthetic to false to train on this folder's data."
+        )
     if target.is_file() and not overwrite:
         return target
     if num_labeled < 1 or num_val < 0 or num_labeled + num_val > num_cases:
@@ -525,17 +585,11 @@ def make_synthetic_dataset(
         )
     if len(shape) != 3 or min(shape) < 32:
         raise ValueError(f"shape must be 3 sizes of at least 32 voxels, found {tuple(shape)}.")
-    subdirs = ("imagesTr", "labelsTr")
-    if not overwrite and any((root / d).exists() for d in subdirs):
-        raise FileExistsError(
-            f"{root} holds imagesTr/ or labelsTr/ but no dataset.json; pass overwrite=True or use another folder."
-        )
-
     names = [f"case_{i:03d}.nii.gz" for i in range(num_cases)]
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     try:
-        for d in subdirs:
+        for d in SYNTHETIC_SUBDIRS:
             (tmp / d).mkdir()
         with ThreadPoolExecutor(max_workers=1) as writer:  # gzip in a thread while the next case is drawn
             saved = []
@@ -546,7 +600,7 @@ def make_synthetic_dataset(
             for future in saved:
                 future.result()
         spec = {
-            "name": "SyntheticAtrium",
+            "name": SYNTHETIC_NAME,
             "description": f"synthetic LGE-MRI-like left atrium volumes (seed {seed}, mean shape {list(shape)})",
             "tensorImageSize": "3D",
             "modality": {"0": "MRI"},
@@ -559,7 +613,7 @@ def make_synthetic_dataset(
         (tmp / "dataset.json").write_text(json.dumps(spec, indent=2))
         root.mkdir(exist_ok=True)
         target.unlink(missing_ok=True)
-        for d in subdirs:
+        for d in SYNTHETIC_SUBDIRS:
             shutil.rmtree(root / d, ignore_errors=True)
             os.replace(tmp / d, root / d)
         os.replace(tmp / "dataset.json", target)
@@ -573,18 +627,72 @@ def make_synthetic_dataset(
 # ----------------------------------------------------------------------------------------------
 
 
-def _load(path: str, key: str, reader) -> tuple[np.ndarray, tuple[int, ...]]:
-    """Array and spatial shape of ``path`` read as training reads it (h5: ``H5Reader(dataset=key)``)."""
+def _load(path: str, key: str, reader) -> MetaTensor:
+    """``path`` loaded channel-first as training loads it: h5 files with ``H5Reader(dataset=key)`` unless
+    ``reader`` is given, other files with ``reader`` when it reads their suffix, else with MONAI's reader
+    for the suffix (whose own error then surfaces)."""
     if isinstance(reader, Mapping):
         reader = reader.get(key)
     if reader is None and _is_h5(path):
         reader = H5Reader(dataset=key)
-    if isinstance(reader, ImageReader):
-        array, meta = reader.get_data(reader.read(path))
-    else:
-        image = LoadImage(reader=reader, image_only=True, dtype=None)(path)
-        array, meta = image.numpy(), image.meta
-    return np.asarray(array), tuple(int(s) for s in meta[MetaKeys.SPATIAL_SHAPE])
+    instance = reader if isinstance(reader, ImageReader) and reader.verify_suffix(path) else None
+    by_name = None if isinstance(reader, ImageReader) else reader
+    return LoadImage(reader=by_name, image_only=True, dtype=None, ensure_channel_first=True)(path, reader=instance)
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def _read(item: Mapping, keys: Sequence[str], reader, ndim: int) -> tuple[dict, list[tuple[str, str]]]:
+    """The files of ``keys`` in ``item`` loaded channel-first, and ``(key, problem)`` for each that could not be."""
+    loaded, problems = {}, []
+    for key in keys:
+        if key not in item:
+            continue
+        if not os.path.exists(item[key]):
+            problems.append((key, f"file not found: {item[key]}"))
+            continue
+        try:
+            image = _load(item[key], key, reader)
+        except Exception as e:  # every reader failure is reported, none is raised
+            problems.append((key, f"cannot be read: {_first_line(e)}"))
+            continue
+        if image.ndim - 1 != ndim:
+            problems.append((key, f"expected a {ndim}-D volume, found spatial shape {tuple(image.shape[1:])}"))
+            continue
+        loaded[key] = image
+    return loaded, problems
+
+
+def _after_transform(
+    loaded: dict, transform, image_key: str, label_key: str, in_channels: int
+) -> tuple[dict, list[tuple[str, str]]]:
+    """``loaded`` after ``transform`` (the config's ``dataset_transform``) and ``(key, problem)`` for what the
+    networks cannot take: an image without ``in_channels`` channels, a label without exactly one, an image
+    with non-finite intensities."""
+    data, after = dict(loaded), " after dataset_transform" if transform is not None else ""
+    if transform is not None:
+        try:
+            data = dict(transform(data))
+        except Exception as e:
+            return {}, [(image_key, f"dataset_transform failed: {_first_line(e)}")]
+    problems = []
+    image_hint = f"the networks take {in_channels}: select channels in dataset_transform (as brats.yaml does)"
+    for key, expected, hint in (
+        (image_key, in_channels, image_hint),
+        (label_key, 1, "a label holds class indices in one channel"),
+    ):
+        if key in data and data[key].shape[0] != expected:
+            n = data[key].shape[0]
+            problems.append((key, f"{n} channel{'s' * (n != 1)}{after} (shape {tuple(data[key].shape)}); {hint}"))
+    if image_key in data:
+        image = np.asarray(data[image_key])
+        bad = int(image.size - np.count_nonzero(np.isfinite(image)))
+        if bad:
+            problems.append((image_key, f"{bad} non-finite intensities (NaN/Inf)"))
+    return data, problems
 
 
 def _label_problem(values: np.ndarray, num_classes: int) -> str | None:
@@ -601,43 +709,73 @@ def _label_problem(values: np.ndarray, num_classes: int) -> str | None:
 
 
 def _check_case(
-    item: Mapping, case: str, image_key: str, label_key: str, num_classes: int, ndim: int, reader
-) -> tuple[list[str], tuple[int, ...] | None, np.ndarray]:
-    """Problems of one datalist item, its image spatial shape (None if unreadable) and its label values."""
-    problems, loaded = [], {}
-    for key in (image_key, label_key):
-        if key not in item:
-            continue
-        if not os.path.isfile(item[key]):
-            problems.append(f"case '{case}' (key '{key}'): file not found: {item[key]}")
-            continue
-        try:
-            array, shape = _load(item[key], key, reader)
-        except Exception as e:  # every reader failure is reported, none is raised
-            problems.append(f"case '{case}' (key '{key}'): cannot be read: {type(e).__name__}: {e}")
-            continue
-        if len(shape) < ndim:
-            problems.append(f"case '{case}' (key '{key}'): expected a {ndim}-D volume, found spatial shape {shape}")
-            continue
-        loaded[key] = array, shape[:ndim]
-    shape, values = None, np.zeros(0)
-    if image_key in loaded:
-        image, shape = loaded[image_key]
-        bad = int(image.size - np.count_nonzero(np.isfinite(image)))
-        if bad:
-            problems.append(f"case '{case}' (key '{image_key}'): {bad} non-finite intensities (NaN/Inf)")
+    item: Mapping, case: str, keys: tuple[str, str], num_classes: int, ndim: int, reader, transform, in_channels: int
+) -> tuple[list[str], tuple[int, ...] | None, np.ndarray, bool | None]:
+    """Problems of one datalist item, its image spatial shape (None if unreadable), its label values and
+    whether its label has foreground after ``transform`` (None without a readable label)."""
+    image_key, label_key = keys
+    loaded, found = _read(item, keys, reader, ndim)
+    shape = tuple(loaded[image_key].shape[1:]) if image_key in loaded else None
+    values, foreground = np.zeros(0), None
     if label_key in loaded:
-        label, label_shape = loaded[label_key]
+        label_shape = tuple(loaded[label_key].shape[1:])
         if shape is not None and label_shape != shape:
-            problems.append(
-                f"case '{case}' (key '{label_key}'): label spatial shape {label_shape} differs from image "
-                f"spatial shape {shape}"
-            )
-        values = np.unique(label)
+            found.append((label_key, f"label spatial shape {label_shape} differs from image spatial shape {shape}"))
+        values = np.unique(np.asarray(loaded[label_key]))
         problem = _label_problem(values, num_classes)
         if problem:
-            problems.append(f"case '{case}' (key '{label_key}'): {problem}")
-    return problems, shape, values
+            found.append((label_key, problem))
+    if len(loaded) == sum(key in item for key in keys):  # every file loaded: check what the networks will see
+        data, more = _after_transform(loaded, transform, image_key, label_key, in_channels)
+        found += more
+        foreground = bool(np.asarray(data[label_key]).any()) if label_key in data else None
+    return [f"case '{case}' (key '{key}'): {problem}" for key, problem in found], shape, values, foreground
+
+
+def _check_patch(patch_size: Sequence[int], divisor: int) -> None:
+    """Raise ``ValueError`` unless every size of ``patch_size`` is divisible by ``divisor``, suggesting the nearest."""
+    sizes = [int(p) for p in patch_size]
+    bad = [p for p in sizes if p % divisor]
+    if bad:
+        lower = [max(p // divisor, 1) * divisor for p in sizes]
+        upper = [-(-p // divisor) * divisor for p in sizes]
+        raise ValueError(
+            f"patch_size {sizes}: every size must be divisible by {divisor} (the networks downsample "
+            f"{divisor.bit_length() - 1} times), found {', '.join(map(str, bad))}; nearest valid patch sizes: "
+            f"{lower} or {upper}."
+        )
+
+
+def _warn_missing_splits(datalist: Mapping[str, Sequence[Mapping]]) -> None:
+    """Warn when there is no unlabeled or no validation case (training would fail or keep no model)."""
+    n = len(datalist.get("labeled", []))
+    if not datalist.get("unlabeled"):
+        warnings.warn(
+            f"preflight: no unlabeled case, all {n} cases with a label are labeled. The semi-supervised trainer "
+            "needs unlabeled cases and would stop with 'num_samples should be a positive integer value': set "
+            f"num_labeled below {n} (e.g. --num_labeled {max(1, n // 5)}) to train the rest as unlabeled, or merge "
+            "supervised.yaml to train on the labeled cases only."
+        )
+    if not datalist.get("validation"):
+        warnings.warn(
+            "preflight: no validation case: training will validate nothing and so write no model.pt (only its "
+            "checkpoints); set num_val (e.g. --num_val 4) or list 'validation' items in dataset.json."
+        )
+
+
+def _empty_labels(foreground: Mapping[str, list[bool]], label_key: str, transformed: bool) -> list[str]:
+    """A problem for the labeled and for the validation split when every label read there is background only."""
+    why = {
+        "labeled": "the networks would learn background only",
+        "validation": "the validation Dice is undefined, so the best model would stay the one of the first validation",
+    }
+    after = " after dataset_transform" if transformed else ""
+    return [
+        f"every {split} label (key '{label_key}', {len(foreground[split])} cases) is empty (background only{after}): "
+        f"{reason}; check the label files and the label mapping"
+        for split, reason in why.items()
+        if foreground[split] and not any(foreground[split])
+    ]
 
 
 def preflight(
@@ -648,19 +786,26 @@ def preflight(
     label_key: str = "label",
     reader=None,
     allow_pad: bool = True,
+    transform=None,
+    in_channels: int = 1,
+    patch_divisor: int = 1,
 ) -> dict:
     """
-    Check a datalist before training: every file exists and loads with the reader training
-    uses (h5: ``H5Reader(dataset=key)``, else MONAI's choice by suffix), intensities are finite,
-    image and label spatial shapes agree, labels are integers in ``[0, num_classes)``, there is a
-    labeled case, the splits are disjoint and, unless ``allow_pad``, no training (labeled or
-    unlabeled) volume is smaller than ``patch_size``. Every problem is collected, then one
-    :class:`DataError` lists them (the first 20).
+    Check a datalist before training: ``patch_size`` is divisible by ``patch_divisor`` (checked first,
+    before any file is read); every file exists and loads with the reader training uses (h5:
+    ``H5Reader(dataset=key)``, else MONAI's choice by suffix) as a volume of ``len(patch_size)``
+    dimensions; after ``transform`` the image has ``in_channels`` channels and the label one;
+    intensities are finite; image and label spatial shapes agree; labels are integers in
+    ``[0, num_classes)``; there is a labeled case, every validation case has a label, the labeled
+    labels are not all empty, nor the validation labels; the splits are disjoint and, unless
+    ``allow_pad``, no training (labeled or unlabeled) volume is smaller than ``patch_size``. Every
+    problem is collected, then one :class:`DataError` lists them (the first 20). A datalist
+    without unlabeled or without validation cases only gets a warning, at the start.
 
     Args:
         datalist: ``{"labeled": [...], "unlabeled": [...], "validation": [...]}`` as built by
             :func:`build_datalist`.
-        num_classes: number of classes including background.
+        num_classes: number of classes including background (label values before ``transform``).
         patch_size: training crop size; its length is the number of spatial dimensions.
         image_key: item key of the image.
         label_key: item key of the label.
@@ -668,16 +813,24 @@ def preflight(
             ``{key: reader}`` mapping); None picks one from the file suffix.
         allow_pad: if True, training volumes smaller than ``patch_size`` are only counted (they
             will be padded); if False each is a problem.
+        transform: the config's ``dataset_transform``, applied to each loaded (channel-first) case
+            before the channel, intensity and empty-label checks; None: no transform.
+        in_channels: number of image channels the networks take.
+        patch_divisor: every patch size must be a multiple of it (16 for the bundle's networks,
+            which downsample 4 times; 1: no check).
 
     Returns:
         a summary: case counts per split, ``min_shape`` / ``max_shape`` over the images, the
         ``label_values`` found and ``smaller_than_patch``, the training volumes to be padded.
 
     Raises:
+        ValueError: ``patch_size`` is not divisible by ``patch_divisor`` (the nearest valid sizes are named).
         DataError: listing every problem as ``case '<file>' (key '<key>'): <expected vs found>``.
     """
+    _check_patch(patch_size, patch_divisor)
+    _warn_missing_splits(datalist)
     problems = [
-        f"item {i} of '{split}' has no key '{image_key}'"
+        f"item {i} of '{split}' has no key '{image_key}' (keys found: {sorted(item)})"
         for split in SPLITS
         for i, item in enumerate(datalist.get(split, []))
         if image_key not in item
@@ -687,12 +840,19 @@ def preflight(
     if not any(label_key in item for split, item in cases if split == "labeled"):
         problems.append(f"no labeled case: no item of 'labeled' has key '{label_key}'")
     names = _case_names([item[image_key] for _, item in cases])
-    shapes, values, small = [], set(), 0
+    shapes, values, small, foreground = [], set(), 0, {split: [] for split in SPLITS}
     for split, item in cases:
         case = names[item[image_key]]
-        found, shape, labels = _check_case(item, case, image_key, label_key, num_classes, len(patch_size), reader)
+        if split == "validation" and label_key not in item:
+            problems.append(f"case '{case}' (split 'validation'): no key '{label_key}'; validation cases need a label")
+        keys = (image_key, label_key)
+        found, shape, labels, fg = _check_case(
+            item, case, keys, num_classes, len(patch_size), reader, transform, in_channels
+        )
         problems += found
         values.update(labels.tolist())
+        if fg is not None:
+            foreground[split].append(fg)
         if shape is None:
             continue
         shapes.append(shape)
@@ -703,6 +863,7 @@ def preflight(
                     f"case '{case}' (key '{image_key}'): spatial shape {shape} smaller than patch_size "
                     f"{tuple(patch_size)} (allow_pad=False)"
                 )
+    problems += _empty_labels(foreground, label_key, transform is not None)
     if problems:
         listed = "\n  ".join(problems[:MAX_REPORTED_PROBLEMS])
         more = len(problems) - MAX_REPORTED_PROBLEMS
@@ -717,3 +878,57 @@ def preflight(
         "label_values": sorted(values),
         "smaller_than_patch": small,
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# inference inputs
+# ----------------------------------------------------------------------------------------------
+
+
+def check_inputs(
+    paths: Sequence[str], reader=None, transform=None, in_channels: int = 1, ndim: int = 3, image_key: str = "image"
+) -> dict:
+    """
+    Check the images of an inference run before any is segmented, as :func:`preflight` checks training
+    images: each loads (``reader``: e.g. inference's ``H5Reader``, which leaves other files to MONAI's
+    readers), is a ``ndim``-D volume, has ``in_channels`` channels after ``transform`` (the config's
+    ``dataset_transform``) and only finite intensities. An image with a NaN or Inf voxel is not
+    segmented (it would come out all background): clean it first, e.g. with ``numpy.nan_to_num``.
+    Each failure is warned about when found; :func:`raise_failed_inputs` raises after the others ran.
+
+    Args:
+        paths: image files (or DICOM folders).
+        reader: reader of the inference preprocessing (None: MONAI's choice by suffix, h5 by ``H5Reader``).
+        transform: applied to ``{image_key: image}`` after loading; None: none.
+        in_channels: number of image channels the network takes.
+        ndim: number of spatial dimensions.
+        image_key: key under which ``transform`` finds the image.
+
+    Returns:
+        ``{"readable": [paths to segment], "failed": {path: problem}}``.
+    """
+    readable, failed = [], {}
+    for path in paths:
+        loaded, found = _read({image_key: path}, (image_key,), reader, ndim)
+        if not found:
+            found = _after_transform(loaded, transform, image_key, "", in_channels)[1]
+        if found:
+            failed[path] = "; ".join(problem for _, problem in found)
+            warnings.warn(f"{path}: {failed[path]}; not segmented.")
+        else:
+            readable.append(path)
+    return {"readable": readable, "failed": failed}
+
+
+def raise_failed_inputs(checked: Mapping) -> None:
+    """
+    Raise :class:`DataError` naming every input :func:`check_inputs` found unusable, if any (call it last,
+    after the readable inputs are segmented, so the run ends with a non-zero exit code).
+    """
+    failed = checked["failed"]
+    if failed:
+        listed = "\n  ".join(f"{path}: {problem}" for path, problem in failed.items())
+        raise DataError(
+            f"{len(failed)} of {len(failed) + len(checked['readable'])} input image(s) could not be segmented "
+            f"({len(checked['readable'])} segmented):\n  {listed}"
+        )
