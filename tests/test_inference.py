@@ -358,3 +358,53 @@ def test_plot_training_curves(tmp_path):
     assert Path(out).read_bytes()[:8] == PNG_MAGIC and Path(out).stat().st_size > 5000
     with pytest.raises(FileNotFoundError, match="no TensorBoard event file"):
         plot_training_curves(tmp_path / "empty", tmp_path / "x.png")
+
+
+# ----------------------------------------------------------------------------------------------
+# bad inputs
+# ----------------------------------------------------------------------------------------------
+
+
+def test_inference_folder_with_bad_files(tmp_path):
+    """A folder with a good image, a corrupt file, an image with NaN/Inf voxels, a 2-D image and a
+    2-channel image: the good one is segmented, then the run fails naming every other file and why."""
+    from monai_dualssl import DataError
+
+    inputs = tmp_path / "images"
+    inputs.mkdir()
+    nib.save(nib.Nifti1Image(_blob((24, 20, 16), 0), np.eye(4)), inputs / "good.nii.gz")
+    (inputs / "corrupt.nii.gz").write_bytes(b"not a NIfTI file")
+    with_nan = _blob((24, 20, 16), 1)
+    with_nan[3, 4, 5], with_nan[0, 0, 0] = np.nan, np.inf
+    nib.save(nib.Nifti1Image(with_nan, np.eye(4)), inputs / "has_nan.nii.gz")
+    nib.save(nib.Nifti1Image(_blob((24, 20), 2), np.eye(4)), inputs / "flat.nii.gz")
+    nib.save(nib.Nifti1Image(_blob((24, 20, 16, 2), 3), np.eye(4)), inputs / "two_channels.nii.gz")
+    write_model(tmp_path, **TINY)
+    with pytest.raises(RuntimeError) as error:  # the config's "Failed to evaluate", from the DataError
+        run(
+            config_file=str(INFERENCE),
+            logging_file=False,
+            bundle_root=str(tmp_path),
+            input=str(inputs),
+            output_dir=str(tmp_path / "out"),
+            device="$torch.device('cpu')",
+            amp=False,
+            num_workers=0,
+            **{"inferer#roi_size": [32, 32, 16]},
+            **TINY,
+        )
+    cause = error.value.__cause__
+    assert isinstance(cause, DataError), repr(error.value)
+    lines = str(cause).splitlines()
+    assert lines[0] == "4 of 5 input image(s) could not be segmented (1 segmented):"
+    problems = dict(line.strip().split(": ", 1) for line in lines[1:])
+    by_name = {Path(p).name: problem for p, problem in problems.items()}
+    assert sorted(by_name) == ["corrupt.nii.gz", "flat.nii.gz", "has_nan.nii.gz", "two_channels.nii.gz"]
+    assert by_name["corrupt.nii.gz"].startswith("cannot be read: ")
+    assert by_name["has_nan.nii.gz"] == "2 non-finite intensities (NaN/Inf)"
+    assert by_name["flat.nii.gz"] == "expected a 3-D volume, found spatial shape (24, 20)"
+    assert by_name["two_channels.nii.gz"].startswith("2 channels after dataset_transform (shape (2, 24, 20, 16))")
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == ["good_disagreement.nii.gz", "good_entropy.nii.gz", "good_seg.nii.gz"]
+    entropy = np.asarray(nib.load(tmp_path / "out" / "good_entropy.nii.gz").dataobj)
+    assert entropy.shape == (24, 20, 16) and np.isfinite(entropy).all()
