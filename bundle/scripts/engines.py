@@ -11,6 +11,7 @@ import torch
 from monai.engines import Trainer
 from monai.engines.workflow import Workflow
 from monai.engines.utils import IterationEvents, default_prepare_batch
+from monai.transforms import Transform
 from monai.utils import CommonKeys as Keys
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
@@ -18,6 +19,7 @@ from torch.utils.data import DistributedSampler
 __all__ = ["DualSSLTrainer", "LoaderStream", "NonFiniteLossError", "loss_terms", "random_state", "set_random_state"]
 
 DEFAULT_WEIGHTS = {"cps": 1.0, "proto": 0.1, "cos": 1.0}
+_END = object()
 
 
 def loss_terms(output: dict) -> dict[str, float]:
@@ -40,18 +42,19 @@ class _Forward(torch.nn.Module):
 class LoaderStream:
     """An endless, resumable stream of a loader's batches.
 
-    Pass ``p`` is one iteration over ``loader`` (a DistributedSampler gets ``set_epoch(p)``).
-    ``state_dict()`` is the position: the pass, the batches drawn in it and torch's random state
-    when the pass began (a shuffling sampler draws its order from it); ``load_state_dict`` starts
-    that pass again as it began and skips the batches already drawn, so the stream continues with
-    the batches an uninterrupted stream would give (the random transforms' states are restored by
-    the trainer afterwards).
+    Pass ``p`` is one iteration over ``loader`` (a DistributedSampler gets ``set_epoch(p)``); its
+    first batch is fetched as the pass begins, so a shuffling sampler draws its order from torch's
+    random state at that moment. ``state_dict()`` is the position: the pass, the batches drawn in
+    it and that random state; ``load_state_dict`` begins the pass again from the same state and
+    skips the batches already drawn, so the stream goes on with the batches an uninterrupted one
+    would give (the random transforms' states are restored by the trainer afterwards).
     """
 
     def __init__(self, loader: Iterable) -> None:
         self.loader = loader
         self.passes, self.drawn = 0, 0
         self._iterator: Iterator | None = None
+        self._first: Any = None
         self._pass_rng = torch.get_rng_state()
 
     def __len__(self) -> int:
@@ -64,13 +67,11 @@ class LoaderStream:
         while True:
             if self._iterator is None:
                 self._begin_pass()
-            try:
-                batch = next(self._iterator)
-            except StopIteration:
-                self._iterator, self.passes, self.drawn = None, self.passes + 1, 0
-                continue
-            self.drawn += 1
-            return batch
+            batch, self._first = (self._first, None) if self._first is not None else (next(self._iterator, _END), None)
+            if batch is not _END:
+                self.drawn += 1
+                return batch
+            self._iterator, self.passes, self.drawn = None, self.passes + 1, 0
 
     def _begin_pass(self) -> None:
         sampler = getattr(self.loader, "sampler", None)
@@ -78,6 +79,9 @@ class LoaderStream:
             sampler.set_epoch(self.passes)
         self._pass_rng = torch.get_rng_state()
         self._iterator = iter(self.loader)
+        self._first = next(self._iterator, _END)
+        if self._first is _END:
+            raise ValueError(f"the loader yields no batch (dataset of {len(getattr(self.loader, 'dataset', []))} items).")
 
     def state_dict(self) -> dict:
         return {"passes": self.passes, "drawn": self.drawn, "rng": self._pass_rng}
@@ -85,25 +89,29 @@ class LoaderStream:
     def load_state_dict(self, state: Mapping) -> None:
         current = torch.get_rng_state()
         torch.set_rng_state(state["rng"])
-        self.passes, drawn = int(state["passes"]), int(state["drawn"])
+        self.passes, self.drawn = int(state["passes"]), 0
         self._begin_pass()
+        for _ in range(int(state["drawn"])):
+            next(self)
         torch.set_rng_state(current)
-        for _ in range(drawn):
-            next(self._iterator)
-        self.drawn = drawn
 
 
 def _random_states(objects: Iterable) -> list[np.random.RandomState]:
-    """The ``RandomState`` of every MONAI random transform reachable from ``objects`` (datasets, Compose), once each."""
+    """The ``RandomState`` of every MONAI transform reachable from ``objects`` (datasets or loaders), once each,
+    including those held inside other transforms (e.g. the cropper of ``RandSpatialCropd``)."""
     found: dict[int, np.random.RandomState] = {}
+    seen: set[int] = set()
 
     def visit(obj: Any) -> None:
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
         if isinstance(getattr(obj, "R", None), np.random.RandomState):
             found.setdefault(id(obj.R), obj.R)
-        for child in getattr(obj, "transforms", None) or ():
-            visit(child)
-        if getattr(obj, "transform", None) is not None:
-            visit(obj.transform)
+        for value in vars(obj).values():
+            for child in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(child, Transform):
+                    visit(child)
 
     for obj in objects:
         visit(getattr(obj, "dataset", obj))
