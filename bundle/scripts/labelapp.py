@@ -102,7 +102,8 @@ class DualSSLTrainTask(BundleTrainTask):
     def _update_overrides(self, overrides: dict) -> dict:
         epochs = int(overrides.pop(self.const.key_train_trainer_max_epochs()))
         models = os.path.join(self.bundle_path, "models")  # where the infer task reads model.pt
-        overrides.update({"run_name": "monailabel", "model_dir": models, "resume": False, **self.overrides})
+        # every request is a fresh run in runs/monailabel that replaces the previous one's checkpoints
+        overrides.update({"run_name": "monailabel", "model_dir": models, "resume": False, "overwrite": True, **self.overrides})
         epoch_length = int(overrides.get("epoch_length", self.bundle_config["epoch_length"]))
         overrides["max_iterations"] = epochs * epoch_length
         if self._unlabeled:
