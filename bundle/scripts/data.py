@@ -640,7 +640,10 @@ def _load(path: str, key: str, reader) -> MetaTensor:
     return LoadImage(reader=by_name, image_only=True, dtype=None, ensure_channel_first=True)(path, reader=instance)
 
 
-def _first_line(error: Exception) -> str:
+def _first_line(error: BaseException) -> str:
+    """``<type>: <first line>`` of the root cause of ``error`` (MONAI wraps transform errors in RuntimeError)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
