@@ -14,6 +14,7 @@ from monai_dualssl.losses import (
     MutualCorrectionLoss,
     PrototypeContrastiveLoss,
     SupervisedLoss,
+    lowest_fraction,
     sigmoid_rampup,
 )
 
@@ -57,6 +58,24 @@ def test_sigmoid_rampup():
     assert sigmoid_rampup(100, 100) == 1.0
     assert sigmoid_rampup(500, 100, 2.0) == 2.0
     assert sigmoid_rampup(3, 0, 0.5) == 0.5
+    assert sigmoid_rampup(0, 1) == pytest.approx(math.exp(-5))  # a ramp of one step still starts low
+    assert sigmoid_rampup(0.5, 1, 2.0) == pytest.approx(2.0 * math.exp(-1.25))
+
+
+@pytest.mark.parametrize(
+    "values, ratio, kept",
+    [
+        ([3.0, 1.0, 2.0, 5.0, 4.0], 0.2, [1]),          # ceil(0.2 * 5) = 1: the smallest only
+        ([3.0, 1.0, 2.0, 5.0, 4.0], 1e-6, [1]),         # never fewer than one
+        ([3.0, 1.0, 2.0, 5.0, 4.0], 0.5, [0, 1, 2]),    # ceil(2.5) = 3
+        ([2.0, 1.0, 2.0, 5.0, 2.0], 0.4, [0, 1, 2, 4]),  # the 2nd smallest is 2: every tie is kept
+        ([3.0, 1.0, 2.0, 5.0, 4.0], 1.0, [0, 1, 2, 3, 4]),
+    ],
+)
+def test_lowest_fraction_by_hand(values, ratio, kept):
+    mask = lowest_fraction(torch.tensor(values).view(1, 1, -1), ratio)
+    assert mask.dtype == torch.bool and mask.shape == (1, 1, 5)
+    assert torch.nonzero(mask.flatten()).flatten().tolist() == kept
 
 
 @pytest.mark.parametrize(
@@ -86,6 +105,63 @@ def test_mutual_correction_by_hand(pa, pb, y, masked):
     assert za.grad.abs().sum() > 0 and zb.grad is None
 
 
+def correction_by_hand(pa, pb, y, threshold):
+    """METHOD.md: masked where the two networks disagree on a confident foreground class
+    (argmax c >= 1 with max prob >= threshold); mean over masked voxels of mean_c (p_c - onehot_c)^2."""
+    c = len(pa[0])
+
+    def confident(p, k):
+        return argmax(p) == k and max(p) >= threshold
+
+    masked = [v for v in range(len(y)) if any(confident(pa[v], k) != confident(pb[v], k) for k in range(1, c))]
+    sq = [sum((pa[v][k] - (k == y[v])) ** 2 for k in range(c)) / c for v in masked]
+    return masked, sq
+
+
+# confident background in one network only: no voxel here is corrected (background is not a target)
+BACKGROUND_ONLY = (
+    [[0.9, 0.1], [0.9, 0.1], [0.95, 0.05], [0.8, 0.1, 0.1]],
+    [[0.55, 0.45], [0.45, 0.55], [0.5 - 1e-3, 0.5 + 1e-3], [0.3, 0.3, 0.4]],
+)
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_mutual_correction_ignores_confident_background(index):
+    pa, pb = [BACKGROUND_ONLY[0][index]], [BACKGROUND_ONLY[1][index]]
+    assert correction_by_hand(pa, pb, [0], 0.6)[0] == []
+    za, zb = logits_of(pa), logits_of(pb)
+    target = torch.zeros(1, 1, 1, dtype=torch.long)
+    assert not MutualCorrectionLoss().mask(za, zb).any() and not MutualCorrectionLoss().mask(zb, za).any()
+    assert MutualCorrectionLoss(reduction="sum")(za, zb, target).item() == 0.0
+
+
+def test_mutual_correction_threshold_is_inclusive():
+    """A maximum probability equal to the threshold is confident ("max prob >= threshold")."""
+    za = torch.tensor([0.0, math.log(3.0)]).view(1, 2, 1)  # p_A = (1/4, 3/4): foreground
+    zb = torch.tensor([2.0, 0.0]).view(1, 2, 1)  # confident background
+    p_fg = torch.softmax(za, dim=1)[0, 1, 0].item()  # 3/4 as float32 computes it
+    target = torch.ones(1, 1, 1, dtype=torch.long)
+    at = MutualCorrectionLoss(threshold=p_fg)
+    above = MutualCorrectionLoss(threshold=p_fg + 1e-6)
+    assert at.mask(za, zb).all() and not above.mask(za, zb).any()
+    assert at(za, zb, target).item() == pytest.approx(((1 - p_fg) ** 2 + (1 - p_fg) ** 2) / 2)
+    assert above(za, zb, target).item() == 0.0
+
+
+@pytest.mark.parametrize("threshold", [0.6, 0.85])
+def test_supervised_loss_passes_its_threshold_on(threshold):
+    # v0: both confident fg at 0.6, only A at 0.85; v1: A confident fg at 0.6 only; v2: agree on background
+    pa, pb, y = [[0.1, 0.9], [0.3, 0.7], [0.8, 0.2]], [[0.2, 0.8], [0.9, 0.1], [0.9, 0.1]], [1, 0, 0]
+    masked, sq = correction_by_hand(pa, pb, y, threshold)
+    assert masked == ([1] if threshold == 0.6 else [0])
+    za, zb, target = logits_of(pa), logits_of(pb), torch.tensor(y).view(1, 1, -1)
+    assert MutualCorrectionLoss(threshold=threshold)(za, zb, target).item() == pytest.approx(sum(sq) / len(sq))
+    terms = SupervisedLoss(alpha=1.0, threshold=threshold).terms(za, target, zb)
+    assert terms["corr"].item() == pytest.approx(sum(sq) / len(sq))
+    total = SupervisedLoss(alpha=2.0, threshold=threshold)(za, target, zb)
+    assert total.item() == pytest.approx(terms["ce"].item() + terms["dice"].item() + 2.0 * sum(sq) / len(sq))
+
+
 def test_mutual_correction_empty_mask_is_zero():
     z = logits_of(PA2)
     assert MutualCorrectionLoss()(z, z.clone(), torch.zeros(1, 1, 5, dtype=torch.long)).item() == 0.0
@@ -103,7 +179,14 @@ def test_supervised_by_hand():
     terms = SupervisedLoss(alpha=0.5).terms(za, target, zb)
     corr = MutualCorrectionLoss()(za, zb, target)
     assert terms["ce"].item() == pytest.approx(ce_) and terms["dice"].item() == pytest.approx(dice, rel=1e-6)
-    assert SupervisedLoss(alpha=0.5)(za, target, zb).item() == pytest.approx(ce_ + dice + 0.5 * corr.item())
+    assert SupervisedLoss()(za, target, zb).item() == pytest.approx(ce_ + dice + 0.5 * corr.item())  # alpha 0.5
+    # every class in the Dice term, and summed reductions
+    dice_bg = 1 - (2 * sum(PA2[v][0] * (1 - y[v]) for v in range(5)) + 1e-5) / (sum(p[0] for p in PA2) + 5 - sum(y) + 1e-5)
+    with_bg = SupervisedLoss(include_background=True).terms(za, target)
+    assert with_bg["dice"].item() == pytest.approx((dice + dice_bg) / 2, rel=1e-6)
+    summed = SupervisedLoss(reduction="sum", threshold=0.65).terms(za, target, zb)
+    masked, sq = correction_by_hand(PA2, PB2, y, 0.65)  # (0.6 would sit on voxel 1's probability)
+    assert masked and summed["ce"].item() == pytest.approx(5 * ce_) and summed["corr"].item() == pytest.approx(sum(sq))
 
 
 def cps_by_hand(student, teacher, keep_ratio, t, kl_weighting, rule="certain"):
@@ -179,15 +262,69 @@ def test_cps_reductions(reduction):
     assert other.sum().item() == pytest.approx(mean.item() * 5)
 
 
-def test_kl_weight_detach_switch():
-    za = logits_of(PA2).requires_grad_()
-    zb = logits_of(PB2)
-    grads = []
-    for detach in (False, True):
-        za.grad = None
-        CrossConsistencyLoss(detach_weight=detach).one_way(za, zb).mean().backward()
-        grads.append(za.grad.clone())
-    assert not torch.allclose(grads[0], grads[1])
+def one_way_by_hand(z_student, p_teacher, frozen_weight=None):
+    """One voxel of one direction, every voxel kept, T = 1: ``w CE(z, argmax q) + D`` with
+    ``D = KL(q || softmax(z))`` and ``w = exp(-D)`` (or the constant ``frozen_weight``)."""
+    s = [math.exp(x) for x in z_student]
+    p = [x / sum(s) for x in s]
+    d = kl(p_teacher, p)
+    w = math.exp(-d) if frozen_weight is None else frozen_weight
+    return w * ce(p, argmax(p_teacher)) + d
+
+
+def numeric_grad(f, z, h=1e-6):
+    return [(f(z[:i] + [x + h] + z[i + 1:]) - f(z[:i] + [x - h] + z[i + 1:])) / (2 * h) for i, x in enumerate(z)]
+
+
+@pytest.mark.parametrize("detach", [None, False, True])  # None: the default
+def test_kl_weight_gradient_by_hand(detach):
+    """Not detached (Zheng & Yang, the default): the gradient is the derivative of ``w CE + D``.
+    Detached: ``w`` is a constant, the gradient is that of ``w_0 CE + D``."""
+    student = [[-0.5, 0.8], [1.5, -0.4], [0.9, -0.7], [-1.0, 0.6]]  # each disagrees with its teacher
+    teacher = [[0.9, 0.1], [0.3, 0.7], [0.2, 0.8], [0.6, 0.4]]
+    za = torch.tensor(student, dtype=torch.float64).t().unsqueeze(0).requires_grad_()
+    kwargs = {} if detach is None else {"detach_weight": detach}
+    value = CrossConsistencyLoss(entropy_filter=False, **kwargs).one_way(za, logits_of(teacher))
+    value.sum().backward()
+    for v, (z, q) in enumerate(zip(student, teacher)):
+        assert value[0, 0, v].item() == pytest.approx(one_way_by_hand(z, q), rel=1e-6)
+        w0 = math.exp(-one_way_by_hand(z, q, frozen_weight=0.0))  # with w = 0 the value is D
+        full = numeric_grad(lambda x: one_way_by_hand(x, q), z)
+        frozen = numeric_grad(lambda x: one_way_by_hand(x, q, frozen_weight=w0), z)
+        assert abs(full[0] - frozen[0]) > 0.3  # the weight's own gradient, -w CE dD/dz, is large here
+        expected = frozen if detach else full
+        assert za.grad[0, :, v].tolist() == pytest.approx(expected, abs=1e-5), v
+
+
+def test_entropy_filter_off_keeps_every_voxel():
+    torch.manual_seed(0)
+    za, zb = torch.randn(2, 3, 4, 4, 4), torch.randn(2, 3, 4, 4, 4)
+    for loss in (CrossConsistencyLoss(keep_ratio=0.3, entropy_filter=False),
+                 EntropyFilteredCPSLoss(keep_ratio=0.3, entropy_filter=False)):
+        kept = loss.kept(zb)
+        assert kept.dtype == torch.bool and kept.shape == (2, 1, 4, 4, 4) and kept.all()
+    plain = torch.nn.functional.cross_entropy(za, zb.argmax(1), reduction="none")
+    one_way = EntropyFilteredCPSLoss(keep_ratio=0.3, entropy_filter=False).one_way(za, zb)
+    assert one_way.shape == (2, 1, 4, 4, 4) and torch.allclose(one_way[:, 0], plain, atol=1e-6)
+    full = CrossConsistencyLoss(keep_ratio=1.0, reduction="none")(za, zb)
+    assert full.shape == (2, 1, 4, 4, 4)
+    assert torch.equal(CrossConsistencyLoss(keep_ratio=0.3, entropy_filter=False, reduction="none")(za, zb), full)
+
+
+def test_entropy_filtered_cps_by_hand_and_defaults():
+    """EntropyFilteredCPSLoss is CrossConsistencyLoss without the KL weighting, and passes its arguments on;
+    its default keeps the 80 % lowest-entropy voxels (METHOD.md)."""
+    expected = cps_by_hand(PA3, PB3, 0.8, 1.0, False)[0] + cps_by_hand(PB3, PA3, 0.8, 1.0, False)[0]
+    za, zb = logits_of(PA3), logits_of(PB3)
+    assert EntropyFilteredCPSLoss()(za, zb).item() == pytest.approx(expected, rel=1e-6)
+    assert EntropyFilteredCPSLoss(reduction="sum")(za, zb).item() == pytest.approx(5 * expected, rel=1e-6)
+    assert EntropyFilteredCPSLoss(reduction="none")(za, zb).shape == (1, 1, 5)
+    uncertain = cps_by_hand(PA3, PB3, 0.6, 1.0, False, "uncertain")[0] + cps_by_hand(PB3, PA3, 0.6, 1.0, False, "uncertain")[0]
+    assert EntropyFilteredCPSLoss(0.6, "uncertain")(za, zb).item() == pytest.approx(uncertain, rel=1e-6)
+    torch.manual_seed(0)
+    teacher = torch.randn(2, 3, 10, 10, 10)
+    assert int(EntropyFilteredCPSLoss().kept(teacher).sum()) == 1600  # ceil(0.8 * 2000)
+    assert int(CrossConsistencyLoss().kept(teacher).sum()) == 1600
 
 
 def prototype_by_hand(feats, pseudo, reliable, tau):
@@ -216,7 +353,7 @@ def test_prototype_by_hand(pa, pb, keep_ratio):
     reliable = [v for v in range(5) if h[v] <= kth and argmax(pa[v]) == pseudo[v] == argmax(pb[v])]
     expected = prototype_by_hand(feats, pseudo, reliable, 0.1)
     f = torch.tensor(feats, dtype=torch.float64).t().unsqueeze(0).requires_grad_()
-    loss = PrototypeContrastiveLoss(temperature=0.1, keep_ratio=keep_ratio, sample_ratio=1.0, min_samples=1)
+    loss = PrototypeContrastiveLoss(keep_ratio=keep_ratio, sample_ratio=1.0, min_samples=1)  # tau 0.1 by default
     value = loss(f, logits_of(pa), logits_of(pb))
     assert value.item() == pytest.approx(expected, rel=1e-5)
     value.backward()
@@ -232,6 +369,29 @@ def test_prototype_sampling_count():
     per_sample = loss(feats, logits)
     assert per_sample.shape == (100,)
     assert int((per_sample > 0).sum()) == 41  # ceil(0.01 * 4096 uncertain voxels)
+
+
+@pytest.mark.parametrize(
+    "size, kwargs, n_valid",
+    [
+        (32, {}, 132),  # 20 % of 65536 voxels uncertain -> ceil(0.01 * 13107) = 132 samples
+        (16, {}, 64),  # ceil(0.01 * 1638) = 17 -> at least min_samples = 64
+        (16, {"min_samples": 50}, 50),
+        (16, {"keep_ratio": 0.5, "sample_ratio": 0.02}, 82),  # ceil(0.02 * 4096)
+    ],
+)
+def test_prototype_sample_counts_and_defaults(size, kwargs, n_valid):
+    """METHOD.md's defaults: 80 % of the voxels may be reliable, 1 % of the uncertain ones are sampled,
+    at least 64 and at most 4096 (``reduction="none"`` returns one entry per possible sample)."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 2, size, size, size)
+    feats = torch.randn(2, 4, size, size, size)
+    values = {}
+    for reduction in ("none", "sum", "mean"):
+        torch.manual_seed(1)  # the same samples for each reduction
+        values[reduction] = PrototypeContrastiveLoss(reduction=reduction, **kwargs)(feats, logits)
+    assert values["none"].shape == (4096,) and values["none"].sum().item() == pytest.approx(values["sum"].item())
+    assert values["sum"].item() / values["mean"].item() == pytest.approx(n_valid)  # mean over the valid samples
 
 
 def test_cosine_by_hand():
@@ -286,11 +446,34 @@ def test_single_class_batch_and_no_uncertain_voxel():
         (lambda: CrossConsistencyLoss(temperature=0.0), "temperature"),
         (lambda: CrossConsistencyLoss(filter_rule="top"), "filter_rule"),
         (lambda: PrototypeContrastiveLoss(min_samples=10, max_samples=5), "min_samples"),
+        (lambda: PrototypeContrastiveLoss(min_samples=0), r"need 1 <= min_samples <= max_samples, found 0, 4096"),
+        (lambda: CrossConsistencyLoss(keep_ratio=1.01), r"keep_ratio must be in \(0, 1\], found 1.01"),
+        (lambda: MutualCorrectionLoss(threshold=1.5), r"threshold must be in \[0, 1\], found 1.5"),
+        (lambda: MutualCorrectionLoss(threshold=-0.1), r"threshold must be in \[0, 1\], found -0.1"),
+        (lambda: SupervisedLoss(threshold=1.5), r"threshold must be in \[0, 1\], found 1.5"),
+        (lambda: SupervisedLoss(alpha=-1.0), r"alpha must be >= 0, found -1.0"),
+        (lambda: PrototypeContrastiveLoss(temperature=0.0), r"temperature must be > 0, found 0.0"),
+        (lambda: PrototypeContrastiveLoss(keep_ratio=0.0), r"keep_ratio and sample_ratio must be in \(0, 1\], found 0.0, 0.01"),
+        (lambda: PrototypeContrastiveLoss(keep_ratio=1.5), r"found 1.5, 0.01"),
+        (lambda: PrototypeContrastiveLoss(sample_ratio=0.0), r"found 0.8, 0.0"),
+        (lambda: PrototypeContrastiveLoss(sample_ratio=1.5), r"found 0.8, 1.5"),
     ],
 )
 def test_bad_input_raises(call, expected):
     with pytest.raises(ValueError, match=expected):
         call()
+
+
+def test_boundary_arguments_are_accepted():
+    """The documented ranges are closed where the docstrings say so."""
+    z = logits_of(PA2)
+    target = torch.zeros(1, 1, 5, dtype=torch.long)
+    for threshold in (0.0, 1.0):
+        assert torch.isfinite(MutualCorrectionLoss(threshold=threshold)(z, logits_of(PB2), target))
+    assert SupervisedLoss(alpha=0.0)(z, target, logits_of(PB2)).item() == pytest.approx(SupervisedLoss(alpha=0.0)(z, target).item())
+    assert CrossConsistencyLoss(keep_ratio=1.0).keep_ratio == 1.0
+    loss = PrototypeContrastiveLoss(keep_ratio=1.0, sample_ratio=1.0, min_samples=5, max_samples=5)
+    assert (loss.min_samples, loss.max_samples) == (5, 5)
 
 
 def test_losses_instantiate_from_bundle_config_by_short_name():
