@@ -5,7 +5,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from monai_dualssl import (
     PrototypeContrastiveLoss,
     RampUpHandler,
     SupervisedLoss,
+    ResumeHandler,
     latest_checkpoint,
 )
 
@@ -162,31 +162,51 @@ def bundle_cmd(tmp_path, dataset, *extra):
     return args + list(extra)
 
 
+# runs train.yaml as the command line does and kills itself (SIGKILL) right after the checkpoint of epoch 2
+KILLED_RUN = """
+import os, signal, sys
+from ignite.engine import Events
+from monai.bundle import ConfigWorkflow
+
+config_file, overrides = sys.argv[1], eval(sys.argv[2])
+wf = ConfigWorkflow(config_file=config_file, workflow_type="train", **overrides)
+wf.initialize()
+trainer = wf.parser.get_parsed_content("train#trainer")
+die = lambda engine: os.kill(os.getpid(), signal.SIGKILL)
+# registered when the run starts, i.e. after the checkpointer: it fires once that checkpoint is on disk
+trainer.add_event_handler(Events.STARTED, lambda e: e.add_event_handler(Events.EPOCH_COMPLETED(once=2), die))
+wf.run()
+"""
+
+
 def test_kill_and_resume(tmp_path, tiny_dataset):
-    """SIGKILL mid-run, restart with --resume from another directory (--bundle_root): same end state."""
-    ckpt_dir = tmp_path / "runs" / "demo" / "checkpoints"
+    """SIGKILL after the checkpoint of iteration 4, restart with --resume True from another directory:
+    the end state equals the uninterrupted run's, bit for bit."""
+    overrides = tiny_overrides(tiny_dataset, tmp_path / "killed", max_iterations=12, val_interval=100)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(bundle_cmd(tmp_path, tiny_dataset), cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if ckpt_dir.is_dir() and any(int(p.stem.split("=")[-1]) >= 2 for p in ckpt_dir.glob("*epoch=*.pt")):
-            break  # at least 4 of 12 iterations done (2 epochs of 2)
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = torch.load(latest_checkpoint(ckpt_dir), weights_only=True)["trainer"]["iteration"]
-    assert 4 <= killed_at < 12
-    result = subprocess.run(bundle_cmd(tmp_path, tiny_dataset, "--resume", "True"), cwd=tmp_path, env=env,
+    script = tmp_path / "killed_run.py"
+    script.write_text(KILLED_RUN)
+    killed = subprocess.run([sys.executable, str(script), str(CONFIGS / "train.yaml"), repr(overrides)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    ckpt_dir = tmp_path / "killed" / "runs" / "demo" / "checkpoints"
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["checkpoint_epoch=2.pt"]
+    assert torch.load(ckpt_dir / "checkpoint_epoch=2.pt", weights_only=True)["trainer"]["iteration"] == 4
+    result = subprocess.run(bundle_cmd(tmp_path / "killed", tiny_dataset, "--resume", "True"), cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "continuing from" in result.stderr + result.stdout
+    assert "continuing from" in result.stderr + result.stdout and "iteration 4" in result.stderr + result.stdout
     for path in ckpt_dir.iterdir():  # every file is a complete checkpoint, no temporary leftovers
         assert path.suffix == ".pt" and torch.load(path, weights_only=True)["trainer"]["iteration"] > 0
     final = torch.load(ckpt_dir / "final.pt", weights_only=True)
-    assert final["trainer"]["iteration"] == 12
-    assert final["lr_scheduler_a"]["last_epoch"] == 12
+    assert final["trainer"]["iteration"] == 12 and final["lr_scheduler_a"]["last_epoch"] == 12
+    whole = tmp_path / "whole"
+    wf = workflow(whole, tiny_dataset, max_iterations=12, val_interval=100)
+    wf.initialize()
+    wf.run()
+    expected = torch.load(whole / "runs" / "demo" / "checkpoints" / "final.pt", weights_only=True)
+    for net in ("network_a", "network_b"):
+        assert all(torch.equal(expected[net][k], v) for k, v in final[net].items()), net
 
 
 def test_ddp_two_processes_gloo(tmp_path, tiny_dataset):
@@ -215,3 +235,82 @@ def test_input_transform_b_only_changes_network_b_input():
         getattr(net, name).encoder.register_forward_pre_hook(lambda m, args, n=name: seen.__setitem__(n, args[0].detach()))
     trainer.run()
     assert torch.allclose(seen["net_b"], seen["net_a"] + 100.0)
+
+
+class Recorder(torch.nn.Module):
+    """A prototype loss stand-in that records the features it was given and returns ``value``."""
+
+    def __init__(self, value: float):
+        super().__init__()
+        self.value, self.calls = value, []
+
+    def forward(self, features, student, other):
+        self.calls.append((features, student, other))
+        return torch.tensor(self.value)
+
+
+@pytest.mark.parametrize("dice_a, dice_b, weaker", [(0.9, 0.2, "a"), (0.2, 0.9, "b")])
+def test_prototype_loss_takes_the_weaker_networks_features(dice_a, dice_b, weaker):
+    trainer, _ = make_trainer(loss_weights={"cps": 0.0, "cos": 0.0, "proto": 0.5})
+    trainer.proto_loss = Recorder(3.0)
+    f_a, f_b, u_a, u_b = torch.zeros(1, 2, 4), torch.ones(1, 2, 4), torch.randn(1, 2, 4), torch.randn(1, 2, 4)
+    out = {"dice_a": torch.tensor(dice_a), "dice_b": torch.tensor(dice_b)}  # Dice *losses*: higher is worse
+    total = trainer._unsupervised(out, u_a, u_b, u_a, u_b, f_a, f_b)
+    (features, student, other), = trainer.proto_loss.calls
+    assert torch.equal(features, f_a if weaker == "a" else f_b)
+    assert student is u_a and other is u_b
+    assert float(out["proto_on_a"]) == (weaker == "a") and float(total) == pytest.approx(0.5 * 3.0)
+
+
+def test_prototype_loss_on_both_networks():
+    trainer, _ = make_trainer(proto_on="both", loss_weights={"cps": 0.0, "cos": 0.0, "proto": 0.5})
+    trainer.proto_loss = Recorder(3.0)
+    f_a, f_b, u_a, u_b = (torch.full((1, 2, 4), float(i)) for i in range(4))
+    total = trainer._unsupervised({}, u_a, u_b, u_a, u_b, f_a, f_b)
+    assert [(c[0] is f, c[1] is s, c[2] is o) for c, (f, s, o) in
+            zip(trainer.proto_loss.calls, [(f_a, u_a, u_b), (f_b, u_b, u_a)])] == [(True, True, True)] * 2
+    assert float(total) == pytest.approx(0.5 * (3.0 + 3.0))
+
+
+def test_total_loss_is_the_weighted_sum_of_its_terms():
+    """Distinct weights for every term: the reported loss is exactly their weighted sum."""
+    weights = {"cps": 0.3, "proto": 0.7, "cos": 1.9}
+    trainer, _ = make_trainer(loss_weights=weights, epoch_length=1)
+    trainer.supervised_loss = SupervisedLoss(alpha=0.37, threshold=0.5)  # >= 0.5: every disagreement counts
+    trainer.run()
+    out = trainer.state.output
+    assert all(float(out[k]) > 0 for k in ("corr_a", "corr_b", "loss_cps", "loss_cos"))
+    expected = sum(out[f"ce_{n}"] + out[f"dice_{n}"] + 0.37 * out[f"corr_{n}"] for n in "ab")
+    expected = expected + sum(w * out[f"loss_{k}"] for k, w in weights.items())
+    assert float(out["loss"]) == pytest.approx(float(expected), rel=1e-6)
+
+
+def save_state(path, iteration, **extra):
+    torch.save({"trainer": {"iteration": iteration, "epoch": 1, "epoch_length": 2, "max_epochs": 9}, **extra}, path)
+
+
+def test_latest_checkpoint_is_chosen_by_iteration_not_name_or_time(tmp_path):
+    save_state(tmp_path / "checkpoint_epoch=9.pt", 4)   # highest by name, written last: not the latest
+    save_state(tmp_path / "final.pt", 12)
+    save_state(tmp_path / "checkpoint_epoch=3.pt", 6)
+    torch.save({"net": torch.zeros(1)}, tmp_path / "zzz_model.pt")  # no trainer state: ignored
+    os.utime(tmp_path / "final.pt", (1, 1))  # the oldest file
+    assert latest_checkpoint(tmp_path) == tmp_path / "final.pt"
+    (tmp_path / "final.pt").unlink()
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint_epoch=3.pt"
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_resume_handler_follows_its_switch(tmp_path, enabled):
+    trainer, net = make_trainer(epoch_length=2)
+    trainer.state.max_epochs = 2
+    AtomicCheckpointSaver(str(tmp_path), {"trainer": trainer, "net": net}, save_interval=1, n_saved=1).attach(trainer)
+    trainer.run()  # leaves checkpoint_epoch=2.pt at iteration 4
+    fresh, fresh_net = make_trainer(epoch_length=2)
+    fresh.state.max_epochs = 3
+    ResumeHandler(str(tmp_path), {"trainer": fresh, "net": fresh_net}, enabled=enabled).attach(fresh)
+    started = []
+    fresh.add_event_handler(Events.ITERATION_STARTED(once=1) | Events.ITERATION_STARTED(once=5),
+                            lambda e: started.append(e.state.iteration))
+    fresh.run()
+    assert started == ([5] if enabled else [1, 5])

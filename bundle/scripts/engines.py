@@ -108,7 +108,7 @@ def _random_states(objects: Iterable) -> list[np.random.RandomState]:
         seen.add(id(obj))
         if isinstance(getattr(obj, "R", None), np.random.RandomState):
             found.setdefault(id(obj.R), obj.R)
-        for value in vars(obj).values():
+        for value in getattr(obj, "__dict__", {}).values():
             for child in value if isinstance(value, (list, tuple)) else (value,):
                 if isinstance(child, Transform):
                     visit(child)
@@ -300,7 +300,7 @@ class DualSSLTrainer(Trainer):
         for name, stream in self._streams().items():
             stream.load_state_dict(state["streams"][name])
         set_random_state(state["random"], self._transform_states())  # after the streams: skipping draws from them
-        if self.scaler.is_enabled():
+        if self.scaler.is_enabled() and state.get("scaler"):  # empty from a float32/bfloat16 run: a fresh scale
             self.scaler.load_state_dict(state["scaler"])
 
     def _next_unlabeled(self) -> torch.Tensor:
