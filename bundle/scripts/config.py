@@ -40,12 +40,13 @@ NUMBERS = ("lr", "lambda_u", "lambda_c", "lambda_cos", "alpha", "correction_thre
            "proto_temperature", "dropout", "flip_prob", "rotate_prob", "cache_rate")
 #: values that may change between a run and its resumption (where it runs, how fast, how much it logs)
 RESUMABLE_CHANGES = ("resume", "overwrite", "bundle_root", "device", "num_workers", "num_threads", "log_interval",
-                     "dataset_dir", "_meta_", "tracking", *TRACKING_KEYS)
+                     "memory_format", "dataset_dir", "_meta_", "tracking", *TRACKING_KEYS)
 
 
 #: errors about the user's configuration, data or run, repeated as the last lines printed by the command line
 USER_ERRORS = ("ConfigError", "DataError", "NonFiniteLossError")
-CHOICES = {"amp_dtype": ("float16", "bfloat16"), "filter_rule": ("certain", "uncertain"), "proto_on": ("weaker", "both")}
+CHOICES = {"amp_dtype": ("float16", "bfloat16"), "filter_rule": ("certain", "uncertain"), "proto_on": ("weaker", "both"),
+           "memory_format": ("auto", "contiguous", "channels_last")}
 
 
 class ConfigError(ValueError):
