@@ -278,3 +278,13 @@ def test_a_kill_during_a_checkpoint_save_leaves_a_loadable_checkpoint(tmp_path):
     assert latest is not None and latest.name == "checkpoint_epoch=1.pt"
     assert torch.load(latest, weights_only=True)["trainer"]["iteration"] == 2
     assert sorted(p.name for p in (tmp_path / "ckpt").glob("*.pt")) == ["checkpoint_epoch=1.pt"]
+
+
+def test_replaced_checkpoints_are_removed_once_the_new_one_is_written(tmp_path):
+    from ignite.engine import Engine
+    from monai_dualssl import AtomicCheckpointSaver
+
+    engine, net = Engine(lambda e, b: None), torch.nn.Linear(2, 2)
+    AtomicCheckpointSaver(str(tmp_path), {"trainer": engine, "net": net}, save_interval=1, n_saved=1).attach(engine)
+    engine.run([0, 1], max_epochs=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch=3.pt"]

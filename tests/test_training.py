@@ -298,6 +298,9 @@ def test_latest_checkpoint_is_chosen_by_iteration_not_name_or_time(tmp_path):
     assert latest_checkpoint(tmp_path) == tmp_path / "final.pt"
     (tmp_path / "final.pt").unlink()
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint_epoch=3.pt"
+    for path in tmp_path.glob("checkpoint_*.pt"):
+        path.unlink()
+    assert latest_checkpoint(tmp_path) is None  # a folder of files without trainer state has nothing to resume
 
 
 @pytest.mark.parametrize("enabled", [True, False])
