@@ -1,12 +1,17 @@
-"""Shared fixtures: a tiny generated dataset and overrides that make the bundle configs fast."""
+"""Shared fixtures and helpers: a tiny generated dataset, overrides that make the bundle configs fast,
+tiny networks and generated blobs."""
 
 import os
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from monai_dualssl.data import make_synthetic_dataset
+from monai_dualssl.networks import DualNet
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
@@ -28,6 +33,43 @@ def require_la() -> Path:
     return root
 
 
+# widths of a DualNet of a few thousand parameters that runs 32^3 volumes in milliseconds on a CPU
+# (lists, so the dict also serves as bundle config overrides)
+TINY_NET = {"n_filters": 4, "resnet_blocks": [1, 1, 1, 1], "vnet_stages": [1, 1, 1, 1, 1], "proj_dim": 8}
+
+
+def tiny_dualnet(seed=0, **overrides) -> DualNet:
+    """A :data:`TINY_NET` DualNet (``overrides`` change any constructor argument), with weights drawn
+    after ``torch.manual_seed(seed)`` (``seed=None``: from the current random state)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return DualNet(**{**TINY_NET, **overrides})
+
+
+def blob(shape: Sequence[int] = (12, 10, 8), seed: int = 0, kind: str = "smooth", threshold: float = 0.2) -> np.ndarray:
+    """A binary blob of ``shape`` (bool array).
+
+    ``kind="smooth"``: random, Gaussian-smoothed noise (sigma 1.5 voxels, from ``seed``) above ``threshold``
+    standard deviations; it may touch the array border and have several components.
+    ``kind="ball"``: the centred ellipsoid whose semi-axes are a quarter of the shape (``seed`` unused).
+    """
+    if kind == "ball":
+        grid = np.indices(shape, dtype=np.float64)
+        return sum(((g - (s - 1) / 2) / ((s - 1) / 2)) ** 2 for g, s in zip(grid, shape)) < 0.25
+    if kind != "smooth":
+        raise ValueError(f"unknown blob kind {kind!r}; expected 'smooth' or 'ball'.")
+    field = ndimage.gaussian_filter(np.random.default_rng(seed).standard_normal(shape), sigma=1.5)
+    return field > threshold * field.std()
+
+
+def blob_image(shape: Sequence[int], seed: int = 0, contrast: float = 2.0, noise: float = 0.3):
+    """``(image, mask)``: a float32 image of the ball :func:`blob` at intensity ``contrast`` on 0, plus
+    Gaussian noise of standard deviation ``noise`` drawn from ``seed``, and that ball (bool)."""
+    mask = blob(shape, kind="ball")
+    rng = np.random.default_rng(seed)
+    return (mask * contrast + rng.normal(0, noise, shape)).astype(np.float32), mask
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     """6 synthetic cases of about 32^3 (2 labeled, 2 unlabeled, 2 validation), MSD layout."""
@@ -44,10 +86,7 @@ def tiny_overrides(dataset: Path, bundle_root: Path, **extra) -> dict:
         "synthetic": False,
         "dataset_dir": str(dataset),
         "patch_size": [32, 32, 16],
-        "n_filters": 4,
-        "resnet_blocks": [1, 1, 1, 1],
-        "vnet_stages": [1, 1, 1, 1, 1],
-        "proj_dim": 8,
+        **TINY_NET,
         "batch_labeled": 1,
         "batch_unlabeled": 1,
         "max_iterations": 4,

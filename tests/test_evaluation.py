@@ -5,20 +5,21 @@ import itertools
 import json
 import math
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 from monai.bundle import ConfigWorkflow
+from monai.data import DataLoader, Dataset, MetaTensor
 from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance
 from monai.transforms.utils import has_measure
-from scipy import ndimage
 
-from conftest import CONFIGS, tiny_overrides
+from conftest import CONFIGS, blob, blob_image, tiny_dualnet, tiny_overrides
 from monai_dualssl import evaluation
 from monai_dualssl import (
-    DualNet,
     binary_metrics,
+    evaluate,
     fast_inferer,
     field_inferer,
     field_overlap,
@@ -32,13 +33,6 @@ from monai_dualssl import (
 )
 
 SPACING = (0.7, 1.3, 2.1)  # anisotropic on purpose
-
-
-def blob(seed, shape=(12, 10, 8), threshold=0.2):
-    """A random smooth binary blob (may touch the array border)."""
-    rng = np.random.default_rng(seed)
-    field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma=1.5)
-    return field > threshold * field.std()
 
 
 def brute_surface(mask):
@@ -71,7 +65,7 @@ def brute_metrics(pred, gt, spacing):
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_metrics_match_brute_force(seed):
-    pred, gt = blob(2 * seed), blob(2 * seed + 1)
+    pred, gt = blob(seed=2 * seed), blob(seed=2 * seed + 1)
     assert pred.any() and gt.any() and (pred ^ gt).any()
     ours = binary_metrics(pred, gt, SPACING)
     expected = brute_metrics(pred, gt, SPACING)
@@ -81,7 +75,7 @@ def test_metrics_match_brute_force(seed):
 
 
 def test_metrics_agree_with_monai():
-    pred, gt = blob(10), blob(11)
+    pred, gt = blob(seed=10), blob(seed=11)
     to_gt, to_pred = surface_distances(pred, gt, SPACING)
     ours = binary_metrics(pred, gt, SPACING)
     onehot = lambda m: torch.from_numpy(np.stack([~m, m]))[None].float()  # noqa: E731
@@ -105,7 +99,7 @@ def test_metrics_agree_with_monai():
 
 
 def test_empty_prediction_is_reported_not_scored_zero():
-    gt = blob(5)
+    gt = blob(seed=5)
     empty = np.zeros_like(gt)
     m = binary_metrics(empty, gt, SPACING)
     assert m["empty_pred"] and not m["empty_gt"] and m["dice"] == 0 and m["jaccard"] == 0
@@ -125,7 +119,7 @@ def test_empty_prediction_is_reported_not_scored_zero():
 
 
 def test_multiclass_metrics_per_foreground_class():
-    gt = blob(1).astype(int) + 2 * (blob(2) & ~blob(1))
+    gt = blob(seed=1).astype(int) + 2 * (blob(seed=2) & ~blob(seed=1))
     rows = segmentation_metrics(gt, gt, 3, SPACING)
     assert [r["class"] for r in rows] == [1, 2] and all(r["dice"] == 1 and r["hd95_mm"] == 0 for r in rows)
 
@@ -146,7 +140,7 @@ def test_lcc_keeps_only_the_largest_component():
 
 @pytest.mark.skipif(not has_measure, reason="MONAI's connected components need scikit-image")
 def test_lcc_fallback_matches_monai(monkeypatch):
-    labels = blob(7, shape=(16, 14, 12), threshold=0.8).astype(np.int64)
+    labels = blob((16, 14, 12), seed=7, threshold=0.8).astype(np.int64)
     with_monai = keep_largest_component(labels, 2)
     monkeypatch.setattr(evaluation, "has_measure", False)
     assert np.array_equal(keep_largest_component(labels, 2), with_monai)
@@ -218,13 +212,8 @@ def test_field_inferer_pads_symmetrically_and_crops_back():
     assert first[:5].abs().sum() == 0 and first[26:].abs().sum() == 0 and first[..., :3].abs().sum() == 0
 
 
-def tiny_net():
-    return DualNet(n_filters=4, resnet_blocks=(1, 1, 1, 1), vnet_stages=(1, 1, 1, 1, 1), proj_dim=8)
-
-
 def test_model_variants_and_load_weights(tmp_path):
-    torch.manual_seed(0)
-    net = tiny_net().eval()
+    net = tiny_dualnet().eval()
     x = torch.randn(1, 1, 16, 16, 16)
     variants = model_variants(net)
     assert variants["ensemble"] is net
@@ -239,14 +228,13 @@ def test_model_variants_and_load_weights(tmp_path):
         load_weights(net, tmp_path / "missing.pt")
     full = {"network_a": net.net_a.state_dict(), "network_b": net.net_b.state_dict(), "optimizer_a": {}}
     torch.save(full, tmp_path / "best.pt")
-    other = load_weights(tiny_net(), tmp_path / "best.pt")
+    other = load_weights(tiny_dualnet(seed=1), tmp_path / "best.pt")
     assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), net.state_dict().values()))
 
 
 @pytest.mark.parametrize("inferer", [field_inferer((16, 16, 16), (5, 6, 7)), fast_inferer((16, 16, 16))])
 def test_ensemble_from_both_networks_equals_windowed_ensemble(inferer):
-    torch.manual_seed(0)
-    net = tiny_net().eval()
+    net = tiny_dualnet().eval()
     image = torch.randn(1, 1, 21, 19, 18)
     device = torch.device("cpu")
     derived = evaluation._predict_all(model_variants(net), inferer, image, device, False)
@@ -274,19 +262,38 @@ def run_evaluate(tmp_path, dataset, **extra):
     return wf
 
 
+ANISOTROPIC = np.diag([0.75, 1.25, 2.0, 1.0])  # voxel size of the end-to-end test's NIfTI files (exact in float32)
+
+
+@pytest.fixture(scope="module")
+def anisotropic_dataset(tmp_path_factory):
+    """An MSD folder of 3 NIfTI cases (a bright ball in noise, its mask as label) with 0.75 x 1.25 x 2 mm
+    voxels; the last two validate."""
+    root = tmp_path_factory.mktemp("anisotropic")
+    for sub in ("imagesTr", "labelsTr"):
+        (root / sub).mkdir()
+    items = []
+    for i, shape in enumerate([(32, 32, 16), (28, 30, 18), (34, 26, 14)]):
+        image, mask = blob_image(shape, seed=i)
+        nib.save(nib.Nifti1Image(image, ANISOTROPIC), root / "imagesTr" / f"c{i}.nii.gz")
+        nib.save(nib.Nifti1Image(mask.astype(np.uint8), ANISOTROPIC), root / "labelsTr" / f"c{i}.nii.gz")
+        items.append({"image": f"./imagesTr/c{i}.nii.gz", "label": f"./labelsTr/c{i}.nii.gz"})
+    (root / "dataset.json").write_text(json.dumps({"training": items[:1], "validation": items[1:]}))
+    return root
+
+
 @pytest.mark.parametrize("protocol", ["field", "fast"])
-def test_evaluate_yaml_end_to_end(tmp_path, tiny_dataset, protocol):
-    torch.manual_seed(0)
-    net = tiny_net()
-    with torch.no_grad():  # both networks predict foreground everywhere: non-empty masks, finite distances
-        for sub in (net.net_a, net.net_b):
+def test_evaluate_yaml_end_to_end(tmp_path, anisotropic_dataset, protocol):
+    net = tiny_dualnet()
+    with torch.no_grad():  # A: foreground everywhere (p = 0.73); B: background everywhere (p_fg = 0.38)
+        for sub, bias in ((net.net_a, [0.0, 1.0]), (net.net_b, [0.0, -0.5])):
             sub.out_conv.weight.zero_()
-            sub.out_conv.bias.copy_(torch.tensor([0.0, 1.0]))
+            sub.out_conv.bias.copy_(torch.tensor(bias))
     (tmp_path / "models").mkdir()
     half = {k: v.half() if v.is_floating_point() else v for k, v in net.state_dict().items()}
     torch.save(half, tmp_path / "models" / "model.pt")  # half precision: cast back on load
     eval_dir = tmp_path / "eval"
-    wf = run_evaluate(tmp_path, tiny_dataset, protocol=protocol, eval_dir=str(eval_dir))
+    wf = run_evaluate(tmp_path, anisotropic_dataset, protocol=protocol, eval_dir=str(eval_dir))
 
     loaded = wf.parser.get_parsed_content("network_def").state_dict()
     assert all(v.dtype == torch.float32 and torch.equal(v, half[k].float())
@@ -300,20 +307,142 @@ def test_evaluate_yaml_end_to_end(tmp_path, tiny_dataset, protocol):
     assert len(rows) == 2 * 3 * 2
     assert {(r["model"], r["postprocessing"]) for r in rows} == set(
         itertools.product(["ensemble", "net_a", "net_b"], ["none", "lcc"]))
-    assert len({r["case"] for r in rows}) == 2 and {r["class"] for r in rows} == {"1"}
-    assert all(0 < float(r["dice"]) < 1 and r["empty_pred"] == "False" and float(r["hd95_mm"]) > 0 for r in rows)
+    assert {r["case"] for r in rows} == {"imagesTr/c1.nii.gz", "imagesTr/c2.nii.gz"}
+    assert {r["class"] for r in rows} == {"1"} and {r["spacing"] for r in rows} == {"0.75 1.25 2"}
+    # the ensemble (mean p_fg 0.55) and A predict the whole volume, B nothing: metrics by brute force
+    # on the label files, with the files' voxel size for the millimetres
+    for i in (1, 2):
+        gt = np.asarray(nib.load(anisotropic_dataset / "labelsTr" / f"c{i}.nii.gz").dataobj).astype(bool)
+        expected = brute_metrics(np.ones_like(gt), gt, (0.75, 1.25, 2.0))
+        case_rows = [r for r in rows if r["case"].endswith(f"c{i}.nii.gz")]
+        assert len(case_rows) == 6
+        for r in case_rows:
+            if r["model"] == "net_b":
+                assert r["empty_pred"] == "True" and float(r["dice"]) == 0 and math.isnan(float(r["hd95_mm"]))
+                continue
+            assert r["empty_pred"] == "False"
+            for key, value in expected.items():
+                assert float(r[key]) == pytest.approx(value, rel=1e-6), (r["model"], key)
     summary = json.loads((eval_dir / "summary.json").read_text())
     for key in ("protocol", "inferer", "num_cases", "models", "space", "empty_cases", "seconds_per_volume", "metrics"):
         assert key in summary, key
     assert summary["protocol"] == protocol and summary["num_cases"] == 2
+    assert summary["spacings_mm"] == [[0.75, 1.25, 2.0]]
     assert summary["inferer"]["mode"] == ("constant" if protocol == "field" else "gaussian")
     if protocol == "field":
         assert summary["inferer"]["scan_interval"] == [16, 16, 8]  # half the 32x32x16 patch by default
     entry = summary["metrics"]["ensemble"]["lcc"]["1"]
     assert entry["n_cases"] == 2 and entry["n_empty_pred"] == 0 and entry["hd95_mm"]["n"] == 2
     assert {"dice", "jaccard", "hd95_vox", "asd_vox", "hd95_mm", "asd_mm", "assd_mm"} <= set(entry)
+    empty = summary["metrics"]["net_b"]["none"]["1"]
+    assert empty["n_empty_pred"] == 2 and empty["hd95_mm"] == {"mean": None, "std": None, "n": 0}
+    assert empty["dice"] == {"mean": 0.0, "std": 0.0, "n": 2}
     assert set(summary["seconds_per_volume"]) == {"ensemble", "net_a", "net_b"}
     assert (eval_dir / "summary.md").read_text().count("| ensemble |") == 2
+
+
+class CodeNet(nn.Module):
+    """A "network" whose foreground probability at a voxel is ``p_fg[code]``, the code being the image value."""
+
+    def __init__(self, p_fg):
+        super().__init__()
+        self.register_buffer("logit", torch.tensor([math.log(p / (1 - p)) for p in p_fg]))
+
+    def forward(self, x):
+        z = self.logit[x.round().long().clamp(0, len(self.logit) - 1)]
+        return torch.cat([torch.zeros_like(z), z], dim=1)
+
+
+class CodeDualNet(nn.Module):
+    """Two networks that disagree: A says foreground (0.55) on codes 1 and 3, B on codes 2 and 3, each says
+    background firmly (0.1) elsewhere; their mean is foreground on code 3 only. ``forward``: the mean softmax."""
+
+    def __init__(self):
+        super().__init__()
+        self.net_a = CodeNet([0.1, 0.55, 0.1, 0.55])
+        self.net_b = CodeNet([0.1, 0.1, 0.55, 0.55])
+
+    def forward(self, x):
+        return (torch.softmax(self.net_a(x), 1) + torch.softmax(self.net_b(x), 1)) / 2
+
+
+# array axes of this affine have 0.7, 1.3 and 2.1 mm voxels (axes permuted and flipped in world space)
+PERMUTED = np.array([[0.0, 1.3, 0.0, 5.0], [-0.7, 0.0, 0.0, 2.0], [0.0, 0.0, 2.1, -1.0], [0.0, 0.0, 0.0, 1.0]])
+
+
+def code_case(split):
+    """Codes on a 14 x 12 x 10 grid: 1 in x 2..split, 3 in x split..11 (y 2..9, z 2..8), 2 in a slab beside
+    them (y 9..11); the label is codes 1 and 3. Returns ``(codes, label, {model: predicted mask})``."""
+    codes = np.zeros((14, 12, 10), np.float32)
+    codes[2:split, 2:9, 2:8] = 1
+    codes[split:11, 2:9, 2:8] = 3
+    codes[2:11, 9:11, 2:8] = 2
+    label = np.isin(codes, (1, 3))
+    masks = {"ensemble": codes == 3, "net_a": np.isin(codes, (1, 3)), "net_b": np.isin(codes, (2, 3))}
+    return codes, label, masks
+
+
+@pytest.mark.parametrize("spacing", [None, (2.0, 0.5, 1.0)])
+def test_evaluate_disagreeing_networks_on_anisotropic_voxels(tmp_path, spacing):
+    """Each model is scored on its own prediction, the ensemble on the mean of both, distances in mm use the
+    voxel size of the image's affine (or ``spacing``), and the summary's std is the population std."""
+    splits = {"a": 6, "b": 8}
+    items = []
+    for name, split in splits.items():
+        codes, label, _ = code_case(split)
+        meta = {"filename_or_obj": f"/data/{name}/image.nii.gz"}
+        items.append({"image": MetaTensor(codes[None], affine=torch.tensor(PERMUTED), meta=meta),
+                      "label": MetaTensor(label[None].astype(np.uint8), affine=torch.tensor(PERMUTED))})
+    loader = DataLoader(Dataset(items), batch_size=1)
+    summary = evaluate(CodeDualNet(), loader, field_inferer((8, 8, 8), (4, 4, 4)), tmp_path, device="cpu",
+                       spacing=spacing, progress=False)
+    mm = (0.7, 1.3, 2.1) if spacing is None else spacing
+    with open(tmp_path / "metrics.csv") as f:
+        rows = {(r["case"], r["model"], r["postprocessing"]): r for r in csv.DictReader(f)}
+    assert len(rows) == 2 * 3 * 2
+    # Dice by hand: |R1| = 42 (split - 2), |R3| = 42 (11 - split), |slab| = 9 * 2 * 6 = 108, label R1 + R3 = 378
+    dice = {
+        name: {"ensemble": 2 * 42 * (11 - s) / (42 * (11 - s) + 378), "net_a": 1.0,
+               "net_b": 2 * 42 * (11 - s) / (108 + 42 * (11 - s) + 378)}
+        for name, s in splits.items()
+    }
+    for name, split in splits.items():
+        _, label, masks = code_case(split)
+        for model, mask in masks.items():
+            for post in ("none", "lcc"):
+                r = rows[(f"{name}/image.nii.gz", model, post)]
+                assert float(r["dice"]) == pytest.approx(dice[name][model]), (name, model)
+                assert r["spacing"] == " ".join(f"{s:g}" for s in mm)
+                expected = brute_metrics(mask, label, mm)
+                for key in ("hd95_vox", "asd_vox", "hd95_mm", "asd_mm", "assd_mm"):
+                    assert float(r[key]) == pytest.approx(expected[key], rel=1e-9, abs=1e-9), (name, model, key)
+        assert float(rows[(f"{name}/image.nii.gz", "net_b", "none")]["hd95_mm"]) != pytest.approx(
+            float(rows[(f"{name}/image.nii.gz", "net_b", "none")]["hd95_vox"]))
+    entry = summary["metrics"]["ensemble"]["none"]["1"]["dice"]
+    d_a, d_b = dice["a"]["ensemble"], dice["b"]["ensemble"]
+    assert entry["mean"] == pytest.approx((d_a + d_b) / 2) and entry["std"] == pytest.approx(abs(d_a - d_b) / 2)
+    assert summary["spacings_mm"] == [list(mm)]
+    # the ensemble alone (the network's own mean softmax) scores the same
+    alone = evaluate(CodeDualNet(), loader, field_inferer((8, 8, 8), (4, 4, 4)), tmp_path / "alone",
+                     models=["ensemble"], device="cpu", spacing=spacing, progress=False)
+    assert alone["metrics"]["ensemble"] == summary["metrics"]["ensemble"]
+
+
+def test_summary_statistics_by_hand():
+    """Population standard deviation (ddof=0) over cases; empty-mask distances are left out, not scored 0."""
+    rows = [
+        {"model": "ensemble", "postprocessing": "none", "class": 1, "dice": d, "jaccard": d / (2 - d),
+         "hd95_vox": h, "asd_vox": h, "hd95_mm": 2 * h, "asd_mm": 2 * h, "assd_mm": 2 * h,
+         "empty_pred": h != h, "empty_gt": False}
+        for d, h in ((0.2, 3.0), (0.6, 5.0), (0.7, 10.0), (0.0, math.nan))
+    ]
+    s = summarize(rows)["ensemble"]["none"]["1"]
+    assert s["n_cases"] == 4 and s["n_empty_pred"] == 1 and s["n_empty_gt"] == 0
+    mean = (0.2 + 0.6 + 0.7 + 0.0) / 4
+    std = math.sqrt(sum((d - mean) ** 2 for d in (0.2, 0.6, 0.7, 0.0)) / 4)
+    assert s["dice"]["mean"] == pytest.approx(mean) and s["dice"]["std"] == pytest.approx(std) and s["dice"]["n"] == 4
+    assert s["hd95_mm"]["mean"] == pytest.approx(12.0) and s["hd95_mm"]["n"] == 3
+    assert s["hd95_mm"]["std"] == pytest.approx(2 * math.sqrt(((3 - 6) ** 2 + (5 - 6) ** 2 + (10 - 6) ** 2) / 3))
 
 
 def test_disagreement_score_by_hand():
