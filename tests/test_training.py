@@ -209,22 +209,57 @@ def test_kill_and_resume(tmp_path, tiny_dataset):
         assert all(torch.equal(expected[net][k], v) for k, v in final[net].items()), net
 
 
+# train.yaml + multi_gpu_train.yaml in one torchrun process; records what the rank's samplers gave each pass
+DDP_RUN = """
+import os, sys, torch
+from ignite.engine import Events
+from monai.bundle import ConfigWorkflow
+
+configs, overrides, out = eval(sys.argv[1]), eval(sys.argv[2]), sys.argv[3]
+wf = ConfigWorkflow(config_file=configs, workflow_type="train", **overrides)
+wf.initialize()
+trainer = wf.parser.get_parsed_content("train#trainer")
+seen = {"labeled": {}, "unlabeled": {}}
+def record(engine):
+    for name, stream in (("labeled", engine.data_loader), ("unlabeled", engine._unlabeled)):
+        seen[name][stream.passes] = list(stream.loader.sampler)
+trainer.add_event_handler(Events.ITERATION_COMPLETED, record)
+wf.run()
+seen["validation"] = list(wf.parser.get_parsed_content("validate#dataloader").sampler)
+params = {f"{n}.{k}": v for n, net in (("a", trainer.network_a), ("b", trainer.network_b)) for k, v in net.named_parameters()}
+torch.save({"seen": seen, "params": params, "iteration": trainer.state.iteration}, f"{out}/rank{os.environ['RANK']}.pt")
+wf.finalize()
+"""
+
+
 def test_ddp_two_processes_gloo(tmp_path, tiny_dataset):
-    """multi_gpu_train.yaml under torchrun: 2 CPU processes (gloo), checkpoints from rank 0 only."""
-    configs = repr([str(CONFIGS / "train.yaml"), str(CONFIGS / "multi_gpu_train.yaml")])
+    """multi_gpu_train.yaml under torchrun, 2 CPU processes (gloo): the ranks draw disjoint shares of every
+    loader and end with identical weights; checkpoints come from rank 0 only."""
+    configs = [str(CONFIGS / "train.yaml"), str(CONFIGS / "multi_gpu_train.yaml")]
     with socket.socket() as sock:  # a free port for the rendezvous
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_RUN)
+    overrides = tiny_overrides(tiny_dataset, tmp_path, max_iterations=4)
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-            "-m", "monai.bundle", "run", "training", "--config_file", configs]
-    for key, value in tiny_overrides(tiny_dataset, tmp_path, max_iterations=4).items():
-        args += [f"--{key}", str(value) if not isinstance(value, (list, bool)) else repr(value)]
+            str(script), repr(configs), repr(overrides), str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert [r["iteration"] for r in ranks] == [4, 4]
+    for name in ("labeled", "unlabeled"):  # 2 cases each: one per rank, every pass reshuffled
+        assert ranks[0]["seen"][name].keys() == ranks[1]["seen"][name].keys() and len(ranks[0]["seen"][name]) >= 2
+        for p in ranks[0]["seen"][name]:
+            assert sorted(ranks[0]["seen"][name][p] + ranks[1]["seen"][name][p]) == [0, 1], (name, p)
+    assert sorted(ranks[0]["seen"]["validation"] + ranks[1]["seen"]["validation"]) == [0, 1]
+    different = [k for k, v in ranks[0]["params"].items() if not torch.equal(v, ranks[1]["params"][k])]
+    assert not different, different[:5]
     final = torch.load(tmp_path / "runs" / "demo" / "checkpoints" / "final.pt", weights_only=True)
     assert final["trainer"]["iteration"] == 4
     assert not any(k.startswith("module.") for k in final["network_a"])  # plain network weights, not DDP's
+    assert all(torch.equal(final["network_a"][k[2:]], v) for k, v in ranks[0]["params"].items() if k.startswith("a."))
     assert (tmp_path / "models" / "model.pt").is_file()
 
 
