@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up a virtual environment (idempotent) and run the main job or the tests.
-#   bash run.sh train   # install, then run the bundle's main training job
+#   bash run.sh train   # install, then run the demo training (replacing an earlier demo run)
 #   bash run.sh test    # install, then run the test suite
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -19,7 +19,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 "$PY" -m pip install -q -e ".[test]"
 case "${1:-test}" in
-    train) shift; exec "$PY" -m monai.bundle run training --config_file bundle/configs/train.yaml "$@" ;;
+    train) shift; exec "$PY" -m monai.bundle run training --config_file bundle/configs/train.yaml --overwrite True "$@" ;;
     test)  shift; exec "$PY" -m pytest -q tests "$@" ;;
     *) echo "usage: bash run.sh [train|test] [extra args]" >&2; exit 2 ;;
 esac

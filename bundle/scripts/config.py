@@ -43,8 +43,6 @@ RESUMABLE_CHANGES = ("resume", "overwrite", "bundle_root", "device", "num_worker
                      "memory_format", "dataset_dir", "_meta_", "tracking", *TRACKING_KEYS)
 
 
-#: errors about the user's configuration, data or run, repeated as the last lines printed by the command line
-USER_ERRORS = ("ConfigError", "DataError", "NonFiniteLossError")
 CHOICES = {"amp_dtype": ("float16", "bfloat16"), "filter_rule": ("certain", "uncertain"), "proto_on": ("weaker", "both"),
            "memory_format": ("auto", "contiguous", "channels_last")}
 
@@ -161,12 +159,16 @@ def _schedule_problems(config: Mapping) -> list[str]:
 
 
 def _report_last(kind, error, tb) -> None:
-    """``sys.excepthook`` that repeats a configuration or data error as the last lines printed."""
+    """``sys.excepthook`` that repeats the root cause of an error as the last lines printed.
+
+    MONAI wraps an error raised in a config expression in "Failed to evaluate ConfigExpression"; the
+    user's problem (a data, configuration or run error) is at the bottom of the chain.
+    """
     traceback.print_exception(kind, error, tb)
     cause = error
-    while cause is not None and type(cause).__name__ not in USER_ERRORS:
+    while (cause.__cause__ or cause.__context__) is not None:
         cause = cause.__cause__ or cause.__context__
-    if cause is not None:
+    if cause is not error:
         print(f"\n{type(cause).__name__}: {cause}", file=sys.stderr)
 
 
@@ -175,8 +177,9 @@ def check_config(parser: ConfigParser | None = None) -> None:
 
     Rejects top-level keys that neither a config file of the bundle (``<bundle_root>/configs`` or
     the bundle this package belongs to) declares nor any value uses (a misspelt ``--max_iteration 5`` would otherwise be ignored), typed values of the wrong type (``--keep_ratio abc``), booleans that are not booleans
-    and a ``max_iterations`` that is not a multiple of ``epoch_length``. From the command line, a
-    configuration or data error is repeated as the last lines printed, after MONAI's traceback.
+    and a ``max_iterations`` that is not a multiple of ``epoch_length``. From the command line, the
+    root cause of any error (a configuration or data problem) is repeated as the last lines printed,
+    after MONAI's traceback.
 
     Args:
         parser: the configuration; None takes the one evaluating this call (:func:`running_parser`).
