@@ -11,7 +11,9 @@ import pytest
 from monai.bundle import ConfigParser
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 
-from conftest import require_la
+from monai.bundle import ConfigWorkflow
+
+from conftest import CONFIGS, require_la, tiny_overrides
 from monai_dualssl.data import (
     DataError,
     H5Reader,
@@ -21,6 +23,7 @@ from monai_dualssl.data import (
     make_synthetic_dataset,
     msd_datalist,
     preflight,
+    unlabeled_items,
 )
 
 IDS = [f"ID{i:02d}" for i in range(10)]
@@ -348,12 +351,24 @@ BROKEN = {
         overwrite("label", np.array([0, 1, 3, 1] * 96, np.uint8).reshape(8, 8, 6)),
         "case 'a.nii.gz' (key 'label'): label values [0, 1, 3] outside the declared classes 0..1 (num_classes=2)",
     ),
+    "label equal to num_classes": (  # classes are 0..num_classes-1: the value num_classes is one too many
+        overwrite("label", np.array([0, 1, 2, 1] * 96, np.uint8).reshape(8, 8, 6)),
+        "case 'a.nii.gz' (key 'label'): label values [0, 1, 2] outside the declared classes 0..1 (num_classes=2)",
+    ),
+    "negative label": (
+        overwrite("label", np.array([0, -1, 1, 1] * 96, np.int16).reshape(8, 8, 6)),
+        "case 'a.nii.gz' (key 'label'): label values [-1, 0, 1] outside the declared classes 0..1 (num_classes=2)",
+    ),
     "fractional label": (
         overwrite("label", np.full((8, 8, 6), 0.5, np.float32)),
         "case 'a.nii.gz' (key 'label'): label values [0.5] are not integers",
     ),
     "nan intensity": (
         overwrite("image", np.where(np.eye(8)[:, :, None] > 0, np.nan, 0.0).repeat(6, 2)),
+        "case 'a.nii.gz' (key 'image'): 48 non-finite intensities (NaN/Inf)",
+    ),
+    "inf intensity": (  # +Inf and -Inf (an overflowed conversion), no NaN
+        overwrite("image", np.where(np.eye(8)[:, :, None] > 0, np.inf, 0.0).repeat(6, 2) * np.sign(np.arange(6) - 2.5)),
         "case 'a.nii.gz' (key 'image'): 48 non-finite intensities (NaN/Inf)",
     ),
 }
@@ -477,7 +492,7 @@ def test_preflight_every_label_empty(tmp_path, split):
     assert f"every {split} label (key 'label', {n} cases) is empty (background only)" in str(error.value)
 
 
-def test_preflight_warns_without_unlabeled_or_validation_cases(tmp_path):
+def test_no_unlabeled_or_validation_cases_are_reported(tmp_path):
     for name in ("a", "b", "c"):  # every image has its label, and no num_labeled / num_val is given
         nifti_case(tmp_path, name)
     datalist = build_datalist(tmp_path)
@@ -485,9 +500,24 @@ def test_preflight_warns_without_unlabeled_or_validation_cases(tmp_path):
     with pytest.warns(UserWarning) as record:
         preflight(datalist, num_classes=2, patch_size=(16, 16, 16))
     messages = [str(w.message) for w in record]
-    assert any(m.startswith("preflight: no unlabeled case, all 3 cases with a label are labeled") for m in messages)
-    assert any("--num_labeled" in m and "num_samples should be a positive integer" in m for m in messages)
     assert any(m.startswith("preflight: no validation case") and "no model.pt" in m for m in messages)
+    with pytest.raises(DataError, match="no unlabeled case: all 3 cases with a label are labeled.*--num_labeled"):
+        unlabeled_items(datalist)
+    assert unlabeled_items({"unlabeled": [{"image": "x"}]}) == [{"image": "x"}]
+
+
+def test_train_yaml_without_unlabeled_cases_says_why(tmp_path):
+    for name in ("a", "b", "c", "d"):
+        nifti_case(tmp_path / "data", name, shape=(16, 16, 16))
+    overrides = tiny_overrides(tmp_path / "data", tmp_path, num_val=1, patch_size=[16, 16, 16])
+    wf = ConfigWorkflow(config_file=str(CONFIGS / "train.yaml"), logging_file=False, workflow_type="train", **overrides)
+    wf.initialize()
+    with pytest.raises(Exception) as info:
+        wf.parser.get_parsed_content("train#trainer")
+    error = info.value
+    while not isinstance(error, DataError):
+        error = error.__cause__ or error.__context__
+    assert "no unlabeled case" in str(error) and "supervised.yaml" in str(error)
 
 
 def test_preflight_patch_size_divisible_by_16(tmp_path):

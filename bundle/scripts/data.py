@@ -42,6 +42,7 @@ __all__ = [
     "preflight",
     "check_inputs",
     "raise_failed_inputs",
+    "unlabeled_items",
 ]
 
 H5_SUFFIXES = (".h5", ".hdf5")
@@ -749,16 +750,27 @@ def _check_patch(patch_size: Sequence[int], divisor: int) -> None:
         )
 
 
-def _warn_missing_splits(datalist: Mapping[str, Sequence[Mapping]]) -> None:
-    """Warn when there is no unlabeled or no validation case (training would fail or keep no model)."""
-    n = len(datalist.get("labeled", []))
-    if not datalist.get("unlabeled"):
-        warnings.warn(
-            f"preflight: no unlabeled case, all {n} cases with a label are labeled. The semi-supervised trainer "
-            "needs unlabeled cases and would stop with 'num_samples should be a positive integer value': set "
-            f"num_labeled below {n} (e.g. --num_labeled {max(1, n // 5)}) to train the rest as unlabeled, or merge "
-            "supervised.yaml to train on the labeled cases only."
+def unlabeled_items(datalist: Mapping[str, Sequence[Mapping]]) -> list:
+    """The ``unlabeled`` split of ``datalist``, which the semi-supervised trainer needs.
+
+    Raises:
+        DataError: the split is empty (e.g. an imagesTr/labelsTr folder where every image has a label
+            and ``num_labeled`` was not given), saying how to get unlabeled cases or train supervised only.
+    """
+    items = list(datalist.get("unlabeled", []))
+    if not items:
+        n = len(datalist.get("labeled", []))
+        raise DataError(
+            f"no unlabeled case: all {n} cases with a label are labeled, and semi-supervised training needs "
+            f"unlabeled ones. Set num_labeled below {n} (e.g. --num_labeled {max(1, n // 5)}) to train the rest as "
+            "unlabeled, list 'unlabeled' items in dataset.json, or merge supervised.yaml to train on the labeled "
+            "cases only."
         )
+    return items
+
+
+def _warn_missing_splits(datalist: Mapping[str, Sequence[Mapping]]) -> None:
+    """Warn when there is no validation case (training would keep no model)."""
     if not datalist.get("validation"):
         warnings.warn(
             "preflight: no validation case: training will validate nothing and so write no model.pt (only its "
