@@ -74,7 +74,8 @@ def one_run(name: str, dataset_dir: str, threads: int | None) -> dict:
     run_dir = BUNDLE / "runs" / f"la_cpu_{name}"
     run_dir.mkdir(parents=True, exist_ok=True)
     configs = CONFIGS + spec["configs"]
-    train = command("training", configs, dataset_dir, name, spec["overrides"])
+    # --resume True: a run killed part-way continues from its last checkpoint (a new one starts, with a warning)
+    train = command("training", configs, dataset_dir, name, {**spec["overrides"], "resume": True})
     evaluate = command("evaluating", configs + ["bundle/configs/evaluate.yaml"], dataset_dir, name, spec["overrides"])
     train_s = timed(train, run_dir / "train.log", threads)
     eval_s = timed(evaluate, run_dir / "evaluate.log", threads)

@@ -109,7 +109,7 @@ def _unknown_keys(config: Mapping, declared: set[str]) -> list[str]:
     for key in sorted(k for k in config if k not in known and "#" not in k):
         close = difflib.get_close_matches(key, sorted(k for k in known if k in config), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        messages.append(f"unknown key '{key}': no value of the configuration uses it{hint}")
+        messages.append(f"unknown key '{key}': no config file declares it and no value uses it{hint}")
     return messages
 
 
@@ -220,6 +220,12 @@ def check_run_folder(output_dir: str, model_dir: str, resume: Any, overwrite: An
         return
     if not as_bool(overwrite, "overwrite"):
         shown = ", ".join(str(p) for p in earlier[:3]) + (f" and {len(earlier) - 3} more" if len(earlier) > 3 else "")
+        if earlier == [model]:
+            raise ConfigError(
+                f"model_dir {model.parent} already holds a model.pt that this run would replace at its first "
+                "validation (the bundle's shipped model, or an earlier run's). Replace it with --overwrite True, or "
+                "write elsewhere with --model_dir <folder>."
+            )
         raise ConfigError(
             f"the run folder {output} already holds an earlier run ({shown}). Continue it with --resume True, "
             f"replace it with --overwrite True, or choose another --run_name."
