@@ -486,3 +486,38 @@ def test_losses_instantiate_from_bundle_config_by_short_name():
     for n in names:
         assert type(parser.get_parsed_content(n)).__name__ == n
     assert parser.get_parsed_content("CrossConsistencyLoss").temperature == 2.0
+
+
+def test_kl_rectification_switch_and_weight_statistics():
+    """Two voxels, both directions, no filter: loss = mean_v sum_dir (w CE + [rectify] D); stats of w by hand."""
+    za = torch.tensor([[[2.0, -1.0], [0.0, 1.0]]]).reshape(1, 2, 2, 1, 1)   # voxel 0: class 0, voxel 1: class 1
+    zb = torch.tensor([[[1.0, 0.5], [0.0, -0.5]]]).reshape(1, 2, 2, 1, 1)   # voxel 0: class 0, voxel 1: class 0
+    pa, pb = torch.softmax(za, 1).flatten(2)[0], torch.softmax(zb, 1).flatten(2)[0]   # [C, V]
+    ce_a = -torch.log(pa[pb.argmax(0), torch.arange(2)])        # A taught by argmax p_B
+    ce_b = -torch.log(pb[pa.argmax(0), torch.arange(2)])
+    d_a = (pb * (pb.log() - pa.log())).sum(0)                   # KL(p_B || p_A): B teaches A
+    d_b = (pa * (pa.log() - pb.log())).sum(0)
+    w = torch.cat([torch.exp(-d_a), torch.exp(-d_b)])
+    with_d = ((torch.exp(-d_a) * ce_a + d_a) + (torch.exp(-d_b) * ce_b + d_b)).mean()
+    without_d = (torch.exp(-d_a) * ce_a + torch.exp(-d_b) * ce_b).mean()
+    for rectify, expected in ((True, with_d), (False, without_d)):
+        loss = CrossConsistencyLoss(entropy_filter=False, kl_rectify=rectify)
+        assert float(loss(za, zb)) == pytest.approx(float(expected), rel=1e-5)
+        assert float(loss.stats["kl_w_mean"]) == pytest.approx(float(w.mean()), rel=1e-5)
+        assert float(loss.stats["kl_w_std"]) == pytest.approx(float(w.std(unbiased=False)), rel=1e-4)
+        assert float(loss.stats["kl_mean"]) == pytest.approx(float(torch.cat([d_a, d_b]).mean()), rel=1e-5)
+    assert CrossConsistencyLoss(kl_weighting=False)(za, zb) is not None
+    assert CrossConsistencyLoss(kl_weighting=False).stats == {}
+
+
+def test_kl_weight_statistics_cover_only_the_kept_voxels():
+    za = torch.tensor([[[3.0, 0.1], [0.0, 0.0]]]).reshape(1, 2, 2, 1, 1)   # A sure at voxel 0, unsure at 1
+    zb = torch.tensor([[[0.2, -2.5], [0.0, 0.0]]]).reshape(1, 2, 2, 1, 1)  # B unsure at 0, sure at 1
+    pa, pb = torch.softmax(za, 1).flatten(2)[0], torch.softmax(zb, 1).flatten(2)[0]
+    w_a = torch.exp(-(pb * (pb.log() - pa.log())).sum(0))   # B teaches A: B is sure at voxel 1 -> kept
+    w_b = torch.exp(-(pa * (pa.log() - pb.log())).sum(0))   # A teaches B: A is sure at voxel 0 -> kept
+    loss = CrossConsistencyLoss(keep_ratio=0.5)
+    loss(za, zb)
+    kept = torch.stack([w_a[1], w_b[0]])
+    assert float(loss.stats["kl_w_mean"]) == pytest.approx(float(kept.mean()), rel=1e-5)
+    assert float(loss.stats["kl_w_std"]) == pytest.approx(float(kept.std(unbiased=False)), rel=1e-4)

@@ -315,6 +315,7 @@ class DualSSLTrainer(Trainer):
         total = z_a.new_zeros(())
         if self.cps_loss is not None and w["cps"] > 0:
             out["loss_cps"] = self.cps_loss(u_a, u_b)
+            out.update(getattr(self.cps_loss, "stats", {}))  # diagnostics (e.g. the KL weights), for the logs
             total = total + w["cps"] * out["loss_cps"]
         if f_a is not None and w["proto"] > 0:
             if self.proto_on == "weaker":

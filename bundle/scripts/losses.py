@@ -244,14 +244,17 @@ class CrossConsistencyLoss(_Loss):
       U2PL's convention) or the highest (``"uncertain"``, the rule of the authors' released code);
     - weight (Zheng & Yang 2021): ``D = KL(softmax(z_t / T) || softmax(z_s / T))`` per voxel,
       ``w = exp(-D)``;
-    - per-voxel loss ``l_v = (N / |K|) 1[v in K] w_v CE(z_s, y_hat)_v + D_v``.
+    - per-voxel loss ``l_v = (N / |K|) 1[v in K] w_v CE(z_s, y_hat)_v + D_v`` (the rectification
+      term ``D_v`` can be switched off with ``kl_rectify=False``).
 
     ``"mean"`` gives ``mean_v l_v = mean_{v in K}(w CE) + mean_v D``; the ``N / |K|`` factor keeps
     the scale independent of the kept fraction. ``forward(z_a, z_b)`` returns the sum of both
     directions (A as student of B plus B as student of A), so each network gets gradient only
     through its student side. With ``kl_weighting=False``, ``w = 1`` and the ``D`` term is dropped
     (plain entropy-filtered CPS); with ``entropy_filter=False`` every voxel is kept. Computes in
-    float32 (also under autocast or on float16/bfloat16 logits) and returns float32.
+    float32 (also under autocast or on float16/bfloat16 logits) and returns float32. After each call,
+    ``stats`` holds detached diagnostics of the weighting over the kept voxels of both directions:
+    ``kl_w_mean`` and ``kl_w_std`` (of ``w``) and ``kl_mean`` (of ``D``); empty without KL weighting.
 
     Args:
         keep_ratio: fraction of voxels kept by the entropy filter, in (0, 1]. Defaults to 0.8.
@@ -260,6 +263,7 @@ class CrossConsistencyLoss(_Loss):
         kl_weighting: apply the KL-based weighting and its ``mean(D)`` term. Defaults to True.
         temperature: softmax temperature ``T > 0`` of the KL term. Defaults to 1.0.
         detach_weight: stop the gradient through ``w`` (Zheng & Yang do not). Defaults to False.
+        kl_rectify: add the rectification term ``mean(D)`` (Zheng & Yang). Defaults to True.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-voxel ``[B, 1, *spatial]`` map,
             summed over both directions).
 
@@ -276,6 +280,7 @@ class CrossConsistencyLoss(_Loss):
         temperature: float = 1.0,
         detach_weight: bool = False,
         reduction: str = "mean",
+        kl_rectify: bool = True,
     ) -> None:
         super().__init__(reduction=LossReduction(reduction).value)
         if not 0.0 < keep_ratio <= 1.0:
@@ -290,6 +295,9 @@ class CrossConsistencyLoss(_Loss):
         self.kl_weighting = kl_weighting
         self.temperature = temperature
         self.detach_weight = detach_weight
+        self.kl_rectify = kl_rectify
+        self.stats: dict[str, torch.Tensor] = {}
+        self._sums: list[torch.Tensor] = []
 
     @_float32
     def kept(self, teacher: torch.Tensor) -> torch.Tensor:
@@ -317,7 +325,9 @@ class CrossConsistencyLoss(_Loss):
             log_s = F.log_softmax(student.float() / self.temperature, dim=1)
         d = (log_t.exp() * (log_t - log_s)).sum(dim=1, keepdim=True)
         w = torch.exp(-d)
-        return (w.detach() if self.detach_weight else w) * loss + d
+        wk, dd = (w * keep).detach(), d.detach()  # masked sums: no host round-trip
+        self._sums.append(torch.stack([wk.sum(), (wk * wk).sum(), keep.sum(), dd.sum(), dd.new_tensor(dd.numel())]))
+        return (w.detach() if self.detach_weight else w) * loss + (d if self.kl_rectify else 0)
 
     @_float32
     def forward(self, input: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
@@ -328,8 +338,20 @@ class CrossConsistencyLoss(_Loss):
         """
         _check_logits(type(self).__name__, input)
         _check_same(type(self).__name__, "other", input, other)
+        self._sums = []
         loss = self.one_way(input, other) + self.one_way(other, input)
+        self.stats = self._weight_stats()
         return _reduce(loss, loss.new_tensor(loss.numel()), self.reduction)
+
+
+    def _weight_stats(self) -> dict[str, torch.Tensor]:
+        """Mean and std of ``w`` over the kept voxels and mean ``D`` over all voxels, of the last call."""
+        if not self._sums:
+            return {}
+        sw, sw2, n, sd, nd = torch.stack(self._sums).sum(0)
+        self._sums = []
+        mean = sw / n.clamp_min(1)
+        return {"kl_w_mean": mean, "kl_w_std": (sw2 / n.clamp_min(1) - mean**2).clamp_min(0).sqrt(), "kl_mean": sd / nd}
 
 
 class EntropyFilteredCPSLoss(CrossConsistencyLoss):
