@@ -1,21 +1,27 @@
-"""The reduced Left Atrium study (la_cpu.yaml): supervised-only, the full method and its ablations.
+"""The reduced Left Atrium study (la_cpu.yaml): seeds, label fractions, ablations, paired tests.
 
-Each run trains with the same budget and seed, then evaluates its best checkpoint (by validation
-Dice) with evaluate.yaml's field protocol, and leaves ``runs/<run>/record.json``: the overrides, the
-exact commands, wall times, iterations and the per-metric mean and standard deviation on the
-validation cases. ``--collect`` gathers the records into one JSON file (bundle/docs/results).
+Every run has the same budget (la_cpu.yaml), its own seed and label fraction (the first 4 or 8 ids of
+train.list labeled, the last 16 for validation in every run), trains with ``--resume True`` (a run
+killed part-way continues), then evaluates with evaluate.yaml's field protocol both its best
+checkpoint (``models/model.pt``, chosen on the validation cases) and its final one
+(``checkpoints/final.pt``). Each finished run leaves ``runs/la_cpu_<config>_<labels>pct_s<seed>/record.json``
+with both evaluations' summaries, the per-case Dice, wall times and the training curves (validation
+Dice; the KL weights' mean and spread on kept voxels) read from its TensorBoard log. Runs whose record
+exists are skipped, so the study resumes where it stopped.
 
-    python benchmarks/la_cpu.py --dataset_dir /data/la2018 --runs full no_proto --threads 1 &
-    python benchmarks/la_cpu.py --dataset_dir /data/la2018 --runs supervised no_kl --threads 1 &
-    python benchmarks/la_cpu.py --dataset_dir /data/la2018 --runs all_labeled --threads 1
-    python benchmarks/la_cpu.py --collect bundle/docs/results/la_cpu.json
+    python benchmarks/la_cpu.py --dataset_dir /data/la2018 --threads 1 --plan 0 &   # two at a time,
+    python benchmarks/la_cpu.py --dataset_dir /data/la2018 --threads 1 --plan 1 &   # each its share
+    python benchmarks/la_cpu.py --collect bundle/docs/results/la_cpu.json            # tables, tests, figure
 
-Runs write their best ensemble to ``runs/<run>/models/model.pt``, never to ``bundle/models``.
+``--configs``/``--labels``/``--seeds`` select runs by hand instead of the plan. Runs write their best
+ensemble to their own run folder, never to ``bundle/models``.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import itertools
 import json
 import os
 import subprocess
@@ -26,24 +32,41 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
 CONFIGS = ["bundle/configs/train.yaml", "bundle/configs/la.yaml", "bundle/configs/la_cpu.yaml"]
+SUPERVISED = ["bundle/configs/supervised.yaml"]
 RUNS = {
-    "supervised": {"configs": ["bundle/configs/supervised.yaml"], "overrides": {}},
+    "supervised": {"configs": SUPERVISED, "overrides": {}},
     "full": {"configs": [], "overrides": {}},
     "no_kl": {"configs": [], "overrides": {"kl_weighting": False}},
-    "no_proto": {"configs": [], "overrides": {"use_proto": False}},
     "no_filter": {"configs": [], "overrides": {"entropy_filter": False}},
-    # the ceiling of the budget: supervised on all 64 training cases labeled
-    "all_labeled": {"configs": ["bundle/configs/supervised.yaml"], "overrides": {"num_labeled": 64}},
+    "no_proto": {"configs": [], "overrides": {"use_proto": False}},
+    # plain cross pseudo supervision: no filter, no KL weighting, no prototype, no cosine term
+    "cps": {"configs": [], "overrides": {"entropy_filter": False, "kl_weighting": False, "use_proto": False,
+                                         "use_cos": False}},
+    # the KL weighting's settings
+    "kl_detach": {"configs": [], "overrides": {"detach_weight": True}},
+    "kl_no_rectify": {"configs": [], "overrides": {"kl_rectify": False}},
+    "kl_t2": {"configs": [], "overrides": {"temperature": 2.0}},
 }
+LABELED = {10: 8, 5: 4}   # % of the 80 volumes -> labeled cases (the first ids of train.list)
+SEEDS = (1337, 2, 3)
+# the study's order: the main comparison first, then 5 %, then the ablations and the KL settings
+PLAN = ([("supervised", 10, s) for s in SEEDS] + [("full", 10, s) for s in SEEDS]
+        + [(c, 5, s) for s in SEEDS for c in ("supervised", "full")]
+        + [(c, 10, s) for s in SEEDS for c in ("no_kl", "no_filter", "cps")]
+        + [(c, 10, s) for s in SEEDS for c in ("kl_detach", "kl_no_rectify", "kl_t2")])
 SUMMARY_KEYS = ("dice", "jaccard", "hd95_vox", "asd_vox", "hd95_mm", "asd_mm")
+CURVES = ("val_mean_dice", "kl_w_mean", "kl_w_std", "kl_mean")
 
 
-def command(workflow: str, configs: list[str], dataset_dir: str, run: str, overrides: dict) -> list[str]:
+def run_name(config: str, labels: int, seed: int) -> str:
+    return f"la_cpu_{config}_{labels}pct_s{seed}"
+
+
+def command(workflow: str, configs: list[str], dataset_dir: str, name: str, overrides: dict) -> list[str]:
     """``python -m monai.bundle run <workflow>`` with the merged configs and CLI overrides."""
     files = "[" + ",".join(f"'{c}'" for c in configs) + "]"
     args = [sys.executable, "-m", "monai.bundle", "run", workflow, "--config_file", files,
-            "--dataset_dir", dataset_dir, "--run_name", f"la_cpu_{run}",
-            "--model_dir", f"bundle/runs/la_cpu_{run}/models"]
+            "--dataset_dir", dataset_dir, "--run_name", name, "--model_dir", f"bundle/runs/{name}/models"]
     for key, value in overrides.items():
         args += [f"--{key}", str(value)]
     return args
@@ -60,92 +83,195 @@ def timed(args: list[str], log: Path, threads: int | None) -> float:
     return time.perf_counter() - start
 
 
-def iterations(run_dir: Path) -> int:
-    """Iterations the trainer completed, from its final checkpoint."""
+def per_case_dice(eval_dir: Path) -> dict[str, float]:
+    """Ensemble Dice per case (no post-processing; the mean over foreground classes) from metrics.csv."""
+    values: dict[str, list[float]] = {}
+    with open(eval_dir / "metrics.csv") as f:
+        for row in csv.DictReader(f):
+            if row["model"] == "ensemble" and row["postprocessing"] == "none":
+                values.setdefault(row["case"], []).append(float(row["dice"]))
+    return {case: sum(v) / len(v) for case, v in values.items()}
+
+
+def curves(run_dir: Path, epoch_length: int) -> dict[str, list[list[float]]]:
+    """``[iteration, value]`` series of the TensorBoard log (validation Dice, KL weight statistics); the
+    validation Dice is logged per epoch (validation runs at a multiple of ``epoch_length``)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    scale = {"val_mean_dice": epoch_length}
+    return {tag: [[e.step * scale.get(tag, 1), round(e.value, 5)] for e in events.Scalars(tag)] for tag in CURVES if tag in tags}
+
+
+def one_run(config: str, labels: int, seed: int, dataset_dir: str, threads: int | None) -> dict:
+    """Train and evaluate one run (best and final checkpoints); write and return its record."""
+    name = run_name(config, labels, seed)
+    spec = RUNS[config]
+    run_dir = BUNDLE / "runs" / name
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    configs = CONFIGS + spec["configs"]
+    overrides = {**spec["overrides"], "num_labeled": LABELED[labels], "seed": seed}
+    train = command("training", configs, dataset_dir, name, {**overrides, "resume": True})
+    train_s = timed(train, run_dir / "logs" / "train.log", threads)
+    evaluated = {}
+    for which, ckpt in (("best", run_dir / "models" / "model.pt"), ("final", run_dir / "checkpoints" / "final.pt")):
+        evaluate = command("evaluating", configs + ["bundle/configs/evaluate.yaml"], dataset_dir, name,
+                           {**overrides, "ckpt_path": ckpt, "eval_dir": run_dir / "eval" / which})
+        seconds = timed(evaluate, run_dir / "logs" / f"evaluate_{which}.log", threads)
+        summary = json.loads((run_dir / "eval" / which / "summary.json").read_text())
+        evaluated[which] = {"command": "python " + " ".join(evaluate[1:]).replace(dataset_dir, "<dataset_dir>"),
+                            "wall_seconds": round(seconds, 1), "per_case_dice": per_case_dice(run_dir / "eval" / which),
+                            "protocol": summary["protocol"], "metrics": summary["metrics"]}
     import torch
 
-    state = torch.load(run_dir / "checkpoints" / "final.pt", map_location="cpu", weights_only=True)
-    return int(state["trainer"]["iteration"])
-
-
-def one_run(name: str, dataset_dir: str, threads: int | None) -> dict:
-    """Train and evaluate run ``name``; write and return its record."""
-    spec = RUNS[name]
-    run_dir = BUNDLE / "runs" / f"la_cpu_{name}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    configs = CONFIGS + spec["configs"]
-    # --resume True: a run killed part-way continues from its last checkpoint (a new one starts, with a warning)
-    train = command("training", configs, dataset_dir, name, {**spec["overrides"], "resume": True})
-    evaluate = command("evaluating", configs + ["bundle/configs/evaluate.yaml"], dataset_dir, name, spec["overrides"])
-    train_s = timed(train, run_dir / "train.log", threads)
-    eval_s = timed(evaluate, run_dir / "evaluate.log", threads)
-    summary = json.loads((run_dir / "eval" / "field" / "summary.json").read_text())
+    final = torch.load(run_dir / "checkpoints" / "final.pt", map_location="cpu", weights_only=True)
     record = {
-        "run": name,
-        "configs": configs,
-        "overrides": spec["overrides"],
+        "run": name, "config": config, "labels_percent": labels, "seed": seed, "configs": configs,
+        "overrides": overrides, "threads": threads,
         "train_command": "python " + " ".join(train[1:]).replace(dataset_dir, "<dataset_dir>"),
-        "evaluate_command": "python " + " ".join(evaluate[1:]).replace(dataset_dir, "<dataset_dir>"),
-        "threads": threads,
-        "train_wall_seconds": round(train_s, 1),
-        "evaluate_wall_seconds": round(eval_s, 1),
-        "iterations": iterations(run_dir),
-        "num_validation_cases": summary["num_cases"],
-        "protocol": summary["protocol"],
-        "seconds_per_volume": summary["seconds_per_volume"],
-        "metrics": summary["metrics"],
+        "train_wall_seconds": round(train_s, 1), "iterations": int(final["trainer"]["iteration"]),
+        "best_epoch": int(final["validation"]["best_metric_epoch"]),
+        "curves": curves(run_dir, int(final["trainer"]["epoch_length"])),
+        "evaluation": evaluated,
     }
     (run_dir / "record.json").write_text(json.dumps(record, indent=2))
     return record
 
 
-def _cell(metric: dict, scale: float = 1.0) -> str:
-    return "-" if metric["mean"] is None else f"{metric['mean'] * scale:.2f} ± {metric['std'] * scale:.2f}"
+# ---- the report ----------------------------------------------------------------------------------
 
 
-def table(records: list[dict]) -> str:
-    """Markdown table of the records: the ensemble's metrics (mean ± std over the validation cases,
-    without and with largest-component post-processing) and each network's Dice."""
-    lines = [
-        "| run | iterations | train (min) | Dice % | Dice % (LCC) | Jaccard % | 95HD (vox) | ASD (vox) | 95HD (mm) | ASD (mm) | Dice % A / B |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in records:
-        m = r["metrics"]
-        ens, lcc = m["ensemble"]["none"]["1"], m["ensemble"]["lcc"]["1"]
-        a, b = m["net_a"]["none"]["1"]["dice"]["mean"], m["net_b"]["none"]["1"]["dice"]["mean"]
-        lines.append(
-            f"| {r['run']} | {r['iterations']} | {r['train_wall_seconds'] / 60:.0f} | {_cell(ens['dice'], 100)} "
-            f"| {_cell(lcc['dice'], 100)} | {_cell(ens['jaccard'], 100)} | {_cell(ens['hd95_vox'])} | {_cell(ens['asd_vox'])} "
-            f"| {_cell(ens['hd95_mm'])} | {_cell(ens['asd_mm'])} | {a * 100:.2f} / {b * 100:.2f} |"
-        )
+def _foreground(metrics: dict) -> dict:
+    """The ensemble's metrics without post-processing for the (only) foreground class."""
+    by_class = metrics["ensemble"]["none"]
+    return by_class[sorted(by_class)[0]] if len(by_class) == 1 else by_class["mean"]
+
+
+def aggregate(records: list[dict]) -> list[dict]:
+    """Per (config, labels) and checkpoint: mean ± std over seeds of each run's mean metrics."""
+    import numpy as np
+
+    rows = []
+    key = lambda r: (r["labels_percent"], list(RUNS).index(r["config"]))  # noqa: E731
+    for (labels, _), group in itertools.groupby(sorted(records, key=key), key=key):
+        group = list(group)
+        for which in ("final", "best"):
+            row = {"config": group[0]["config"], "labels_percent": labels, "checkpoint": which,
+                   "seeds": [r["seed"] for r in group]}
+            for metric in ("dice", "jaccard", "hd95_vox", "asd_vox"):
+                values = np.array([_foreground(r["evaluation"][which]["metrics"])[metric]["mean"] for r in group])
+                row[metric] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else None,
+                               "per_seed": values.round(5).tolist()}
+            rows.append(row)
+    return rows
+
+
+def paired_tests(records: list[dict], reference: str = "full") -> list[dict]:
+    """Wilcoxon signed-rank over the (case, seed) pairs: ``reference`` vs every other config, per labels and checkpoint."""
+    from scipy.stats import wilcoxon
+
+    index = {(r["config"], r["labels_percent"], r["seed"]): r for r in records}
+    tests = []
+    for (config, labels) in sorted({(r["config"], r["labels_percent"]) for r in records}):
+        if config == reference:
+            continue
+        for which in ("final", "best"):
+            a, b = [], []
+            for seed in SEEDS:
+                ours, theirs = index.get((reference, labels, seed)), index.get((config, labels, seed))
+                if ours and theirs:
+                    cases = sorted(ours["evaluation"][which]["per_case_dice"])
+                    a += [ours["evaluation"][which]["per_case_dice"][c] for c in cases]
+                    b += [theirs["evaluation"][which]["per_case_dice"][c] for c in cases]
+            if len(a) < 6:
+                continue
+            diff = [x - y for x, y in zip(a, b)]
+            tests.append({"reference": reference, "other": config, "labels_percent": labels, "checkpoint": which,
+                          "pairs": len(a), "mean_gain_dice_points": round(100 * sum(diff) / len(diff), 2),
+                          "wilcoxon_p": float(wilcoxon(a, b).pvalue)})
+    return tests
+
+
+def _cell(stat: dict, scale: float = 1.0) -> str:
+    return f"{stat['mean'] * scale:.2f}" + (f" ± {stat['std'] * scale:.2f}" if stat["std"] is not None else "")
+
+
+def report(rows: list[dict], tests: list[dict]) -> str:
+    lines = ["| labels | run | checkpoint | seeds | Dice % | Jaccard % | 95HD (vox) | ASD (vox) |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['labels_percent']} % | {r['config']} | {r['checkpoint']} | {len(r['seeds'])} | {_cell(r['dice'], 100)} "
+                     f"| {_cell(r['jaccard'], 100)} | {_cell(r['hd95_vox'])} | {_cell(r['asd_vox'])} |")
+    lines += ["", "| labels | full vs | checkpoint | pairs | mean gain (Dice points) | Wilcoxon p |", "|---|---|---|---|---|---|"]
+    for t in tests:
+        lines.append(f"| {t['labels_percent']} % | {t['other']} | {t['checkpoint']} | {t['pairs']} "
+                     f"| {t['mean_gain_dice_points']:+.2f} | {t['wilcoxon_p']:.3g} |")
     return "\n".join(lines)
 
 
+def figure(records: list[dict], path: Path) -> None:
+    """Dice per configuration with the seeds as points (final and best), and validation Dice over iterations."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["labels_percent"], r["config"]) for r in records}, key=lambda g: (-g[0], list(RUNS).index(g[1])))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for i, (labels, config) in enumerate(groups):
+        for shift, which, marker in ((-0.12, "final", "o"), (0.12, "best", "^")):
+            values = [100 * _foreground(r["evaluation"][which]["metrics"])["dice"]["mean"]
+                      for r in records if (r["labels_percent"], r["config"]) == (labels, config)]
+            left.scatter([i + shift] * len(values), values, marker=marker, color="C0" if which == "final" else "C1",
+                         label=which if i == 0 else None)
+    left.set_xticks(range(len(groups)), [f"{c}\n{l} %" for l, c in groups], fontsize=8)
+    left.set_ylabel("mean Dice % (16 validation cases)")
+    left.legend(title="checkpoint")
+    for r in records:
+        if r["config"] in ("supervised", "full") and r["labels_percent"] == 10 and "val_mean_dice" in r["curves"]:
+            steps, values = zip(*r["curves"]["val_mean_dice"])
+            right.plot(steps, [100 * v for v in values], color="C2" if r["config"] == "full" else "C3", alpha=0.7,
+                       label=f"{r['config']} (seed {r['seed']})")
+    right.set_xlabel("iteration")
+    right.set_ylabel("validation Dice % (fast protocol)")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def collect(output: Path) -> None:
-    """Gather every ``runs/la_cpu_<run>/record.json`` (in RUNS order) into ``output``; print the table."""
-    records = [json.loads(p.read_text()) for name in RUNS
-               if (p := BUNDLE / "runs" / f"la_cpu_{name}" / "record.json").is_file()]
+    """Gather every finished run's record into ``output`` (with the aggregate and the tests); print the tables."""
+    records = [json.loads(p.read_text()) for p in sorted((BUNDLE / "runs").glob("la_cpu_*pct_s*/record.json"))]
+    rows, tests = aggregate(records), paired_tests(records)
+    supervised_tests = paired_tests(records, reference="supervised")
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(records, indent=2) + "\n")
-    print(f"{len(records)} runs -> {output}")
-    print(table(records))
+    output.write_text(json.dumps({"summary": rows, "tests": tests + supervised_tests, "runs": records}, indent=2) + "\n")
+    figure(records, output.with_suffix(".png"))
+    print(f"{len(records)} runs -> {output}, {output.with_suffix('.png')}")
+    print(report(rows, tests))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset_dir", help="LA folder holding train.list")
-    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=["supervised", "full"])
+    parser.add_argument("--plan", type=int, choices=(0, 1), help="run every other run of the study's plan (0 or 1)")
+    parser.add_argument("--configs", nargs="+", choices=list(RUNS))
+    parser.add_argument("--labels", nargs="+", type=int, choices=list(LABELED), default=[10])
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of each run")
     parser.add_argument("--collect", type=Path, help="gather the finished runs' records into this JSON file")
     args = parser.parse_args()
     if args.collect:
         collect(args.collect)
         return
-    if not args.dataset_dir:
-        parser.error("--dataset_dir is required to train")
-    for name in args.runs:
-        record = one_run(name, args.dataset_dir, args.threads)
+    if not args.dataset_dir or (args.plan is None) == (args.configs is None):
+        parser.error("--dataset_dir and one of --plan / --configs are required to train")
+    runs = PLAN[args.plan :: 2] if args.plan is not None else list(itertools.product(args.configs, args.labels, args.seeds))
+    for config, labels, seed in runs:
+        if (BUNDLE / "runs" / run_name(config, labels, seed) / "record.json").is_file():
+            continue
+        record = one_run(config, labels, seed, args.dataset_dir, args.threads)
         print(json.dumps({k: record[k] for k in ("run", "train_wall_seconds", "iterations")}), flush=True)
 
 
