@@ -128,7 +128,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         print("| bad input or fault | exit | what the user reads last |\n|---|---|---|")
         for title, code, last in scenarios(Path(tmp)):
-            print(f"| {title} | {code} | {last.replace('|', '/')} |", flush=True)
+            last = last.replace(tmp, "<tmp>").replace("|", "/")
+            print(f"| {title} | {code} | {last[:240] + (' ...' if len(last) > 240 else '')} |", flush=True)
 
 
 if __name__ == "__main__":
