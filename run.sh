@@ -17,7 +17,9 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
         "$PY" -m pip install -q torch==2.13.0     # CPU build
     fi
 fi
-"$PY" -m pip install -q -e ".[test]"
+EXTRAS=test
+[ "${1:-test}" = test ] && EXTRAS=test,mlflow   # the tests cover --tracking mlflow (about 30 s to install)
+"$PY" -m pip install -q -e ".[$EXTRAS]"
 case "${1:-test}" in
     train) shift; exec "$PY" -m monai.bundle run training --config_file bundle/configs/train.yaml --overwrite True "$@" ;;
     test)  shift; exec "$PY" -m pytest -q tests "$@" ;;

@@ -11,6 +11,7 @@ from .evaluation import *  # noqa: F401,F403
 from .handlers import *  # noqa: F401,F403
 from .losses import *  # noqa: F401,F403
 from .networks import *  # noqa: F401,F403
+from .tracking import *  # noqa: F401,F403
 from .visualize import *  # noqa: F401,F403
 
 __version__ = "0.1.0"
