@@ -1,0 +1,248 @@
+"""Mutation testing with mutmut, one module of the package at a time; prints the score per module.
+
+mutmut plants one small change (a "mutant": ``>=`` for ``>``, ``1`` for ``2``, a dropped argument,
+...) into a copy of the code and runs the tests that reach the changed function; a mutant the tests
+do not notice "survives". The score of a module is ``killed / (all - equivalent)``, where the
+equivalent mutants (changes no test can notice because the behaviour is the same) are the reviewed
+entries of ``benchmarks/mutation_equivalent.txt`` (one ``<mutant id>  <reason>`` a line).
+
+mutmut imports the package by the module names the code is written under (``monai_dualssl.*``),
+while this repository keeps it in ``bundle/scripts``; each module is therefore staged in
+``mutants/<module>/`` (ignored by git) as ``monai_dualssl/`` (a copy of ``bundle/scripts``), the
+tests and the bundle configs (in ``bundle/configs`` for the tests and beside the package, as in the
+bundle), with a generated ``setup.cfg`` holding that module's ``[mutmut]`` settings, and mutmut runs
+there. Slow (every mutant runs the tests that reach it): not part of CI.
+
+    pip install -e ".[mutation]"
+    python benchmarks/mutation.py losses evaluation preflight   # fresh runs, then the report
+    python benchmarks/mutation.py losses --retest               # re-run only the last run's survivors
+    python benchmarks/mutation.py --report --show               # last results, with each survivor's diff
+
+Modules: see ``MODULES`` (``preflight`` is the preflight part of ``data``). ``--max-children``
+(default 1) is the number of mutants tested at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import filecmp
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCE = REPO / "bundle" / "scripts"
+PACKAGE = "monai_dualssl"
+STAGES = REPO / "mutants"
+EQUIVALENT = Path(__file__).resolve().with_name("mutation_equivalent.txt")
+
+# module -> the file mutated, the tests that judge it (those that exist), and optionally the section of
+# the file mutated (the functions and classes under its "# <section>" header, up to the next header)
+MODULES = {
+    "losses": {"file": "losses.py", "tests": ["tests/test_losses.py", "tests/test_gradients.py", "tests/test_amp.py"]},
+    "evaluation": {"file": "evaluation.py", "tests": ["tests/test_evaluation.py"]},
+    "preflight": {"file": "data.py", "tests": ["tests/test_data.py"], "section": "preflight"},
+    "engines": {"file": "engines.py", "tests": ["tests/test_training.py"]},
+    "handlers": {"file": "handlers.py", "tests": ["tests/test_training.py"]},
+}
+
+SEP = "\u01c1"  # mutmut's separator in the names of methods' mutants: x<sep>Class<sep>method
+KILLED = {1, 3, 24, -24, 152, 255, 36, -9, -11}  # test failure, pytest error, timeout, crash
+STATUS = {0: "survived", 33: "no tests", 5: "no tests", 34: "skipped", None: "not checked"}
+
+
+def stage_dir(module: str) -> Path:
+    return STAGES / module
+
+
+def sync(src: Path, dst: Path) -> None:
+    """Copy the tree ``src`` to ``dst``, rewriting only files whose content differs (so mutmut's
+    modification times stay meaningful) and removing files that are gone."""
+    dst.mkdir(parents=True, exist_ok=True)
+    names = {p.name for p in src.iterdir() if p.name != "__pycache__"}
+    for stale in {p.name for p in dst.iterdir()} - names:
+        target = dst / stale
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    for name in names:
+        s, d = src / name, dst / name
+        if s.is_dir():
+            sync(s, d)
+        elif not d.is_file() or not filecmp.cmp(s, d, shallow=False):
+            shutil.copy2(s, d)
+
+
+def prepare(module: str, fresh: bool) -> Path:
+    """Stage ``module``: the package as ``monai_dualssl/``, the tests, the configs and ``setup.cfg``."""
+    spec, stage = MODULES[module], stage_dir(module)
+    if fresh and stage.exists():
+        shutil.rmtree(stage)
+    sync(SOURCE, stage / PACKAGE)
+    sync(REPO / "tests", stage / "tests")
+    sync(REPO / "bundle" / "configs", stage / "bundle" / "configs")  # where the tests find them
+    sync(REPO / "bundle" / "configs", stage / "configs")  # beside the package, where the package finds them
+    lines = [
+        "[mutmut]",
+        f"source_paths = {PACKAGE}",
+        f"only_mutate = {PACKAGE}/{spec['file']}",
+        "also_copy =",
+        "    bundle/configs",
+        "    configs",
+        "pytest_add_cli_args_test_selection =",
+        *[f"    {t}" for t in spec["tests"] if (REPO / t).is_file()],
+        "pytest_add_cli_args =",
+        "    -p",
+        "    no:cacheprovider",
+        "",
+    ]
+    (stage / "setup.cfg").write_text("\n".join(lines))
+    return stage
+
+
+def key_prefix(module: str) -> str:
+    return f"{PACKAGE}.{Path(MODULES[module]['file']).stem}."
+
+
+def section_names(module: str) -> list[str] | None:
+    """mutmut's mangled names (``x_<function>``, ``xǁ<class>ǁ``) of the top-level functions and classes in
+    the module's section; None: the whole file."""
+    section = MODULES[module].get("section")
+    if section is None:
+        return None
+    source = (SOURCE / MODULES[module]["file"]).read_text()
+    lines = source.splitlines()
+    headers = [i + 1 for i, line in enumerate(lines) if line.startswith("# ") and i and lines[i - 1].startswith("# ---")]
+    start = next(n for n in headers if lines[n - 1] == f"# {section}")
+    end = min([n for n in headers if n > start], default=len(lines) + 1)
+    names = []
+    for node in ast.parse(source).body:
+        if start < node.lineno < end:
+            if isinstance(node, ast.FunctionDef):
+                names.append(f"x_{node.name}")
+            elif isinstance(node, ast.ClassDef):
+                names.append(f"x{SEP}{node.name}{SEP}")
+    return names
+
+
+def selected(module: str, key: str, names: list[str] | None) -> bool:
+    """Whether mutant ``key`` belongs to ``module`` (``names``: :func:`section_names`)."""
+    name = key[len(key_prefix(module)) :].partition("__mutmut_")[0]
+    return names is None or any(name == n or (n.endswith(SEP) and name.startswith(n)) for n in names)
+
+
+def patterns(module: str) -> list[str]:
+    names = section_names(module)
+    if names is None:
+        return []
+    return [f"{key_prefix(module)}{n}{'*' if n.endswith(SEP) else ''}__mutmut_*" for n in names]
+
+
+def results(module: str) -> dict[str, int | None]:
+    """``{mutant id: mutmut exit code}`` of the last run of ``module`` (empty before the first)."""
+    meta = stage_dir(module) / "mutants" / PACKAGE / (MODULES[module]["file"] + ".meta")
+    if not meta.is_file():
+        return {}
+    codes = json.loads(meta.read_text())["exit_code_by_key"]
+    names = section_names(module)
+    return {k: v for k, v in codes.items() if selected(module, k, names)}
+
+
+def equivalent() -> dict[str, str]:
+    """The reviewed equivalent mutants: ``{id: reason}``."""
+    if not EQUIVALENT.is_file():
+        return {}
+    out = {}
+    for line in EQUIVALENT.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, reason = line.strip().partition(" ")
+            out[key] = reason.strip()
+    return out
+
+
+def run(module: str, retest: bool, max_children: int) -> None:
+    stage = prepare(module, fresh=not retest)
+    names = patterns(module)
+    if retest:
+        names = [k for k, v in results(module).items() if v not in KILLED and k not in equivalent()]
+        if not names:
+            print(f"{module}: no survivor to re-test")
+            return
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    la = REPO.parent / "shared" / "data" / "la2018"
+    if "LA2018_DIR" not in env and la.is_dir():
+        env["LA2018_DIR"] = str(la)  # the staged conftest looks for the real data beside the stage otherwise
+    mutmut = Path(sys.executable).with_name("mutmut")
+    command = [str(mutmut) if mutmut.is_file() else "mutmut", "run", "--max-children", str(max_children), *names]
+    print(f"== {module}: {' '.join(command[1:4])} ... in {stage.relative_to(REPO)}", flush=True)
+    subprocess.run(command, cwd=stage, env=env, check=True)
+
+
+def diff(module: str, key: str) -> str:
+    """The diff of mutant ``key`` as ``mutmut show`` prints it."""
+    out = subprocess.run(
+        [str(Path(sys.executable).with_name("mutmut")), "show", key],
+        cwd=stage_dir(module), capture_output=True, text=True,
+    )
+    lines = out.stdout.splitlines()
+    return "\n".join(line for line in lines if line.startswith(("+", "-")) and not line.startswith(("+++", "---")))
+
+
+def report(modules: list[str], show: bool) -> list[dict]:
+    """Print killed / survived / equivalent and the score per module, and the survivors' ids."""
+    reviewed = equivalent()
+    rows = []
+    for module in modules:
+        codes = results(module)
+        if not codes:
+            print(f"{module}: no results (run it first)")
+            continue
+        eq = sorted(k for k, v in codes.items() if k in reviewed and v not in KILLED)
+        stale = sorted(k for k, v in codes.items() if k in reviewed and v in KILLED)
+        killed = sorted(k for k, v in codes.items() if v in KILLED)
+        left = sorted(k for k, v in codes.items() if v not in KILLED and k not in reviewed)
+        considered = len(codes) - len(eq)
+        score = 100.0 * len(killed) / considered if considered else 100.0
+        rows.append({"module": module, "mutants": len(codes), "killed": len(killed), "survived": len(left),
+                     "equivalent": len(eq), "score": score})
+        for k in left:
+            status = STATUS.get(codes[k], f"exit code {codes[k]}")
+            print(f"  survivor {k} ({status})")
+            if show:
+                print("    " + diff(module, k).replace("\n", "\n    "))
+        for k in stale:
+            print(f"  listed as equivalent but killed (remove it from {EQUIVALENT.name}): {k}")
+    listed = {k for k in reviewed if any(k.startswith(key_prefix(m)) for m in modules)}
+    seen = {k for m in modules for k in results(m)}
+    for k in sorted(listed - seen):
+        print(f"  listed as equivalent but no such mutant (re-review after a code change): {k}")
+    print()
+    print(f"{'module':<12} {'mutants':>8} {'killed':>8} {'survived':>9} {'equivalent':>11} {'score':>8}")
+    for r in rows:
+        print(f"{r['module']:<12} {r['mutants']:>8} {r['killed']:>8} {r['survived']:>9} {r['equivalent']:>11} "
+              f"{r['score']:>7.1f}%")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("modules", nargs="*", help=f"modules to run, some of {', '.join(MODULES)}")
+    parser.add_argument("--retest", action="store_true", help="re-run only the survivors of the last run")
+    parser.add_argument("--report", action="store_true", help="print the last results without running")
+    parser.add_argument("--show", action="store_true", help="print each survivor's diff")
+    parser.add_argument("--max-children", type=int, default=1, help="mutants tested at once (default 1)")
+    args = parser.parse_args()
+    unknown = [m for m in args.modules if m not in MODULES]
+    if unknown:
+        parser.error(f"unknown module(s) {', '.join(unknown)}; expected some of {', '.join(MODULES)}")
+    modules = args.modules or [m for m in MODULES if results(m)]
+    if not args.report:
+        for module in args.modules:
+            run(module, args.retest, args.max_children)
+    report(modules, args.show)
+
+
+if __name__ == "__main__":
+    main()
