@@ -18,7 +18,9 @@ Memory format: every network takes ``memory_format`` (``"contiguous"`` or ``"cha
 the input is converted at the network's entry (free for one-channel images). On CPU this is about
 2-3x faster than the default layout; :func:`resolve_memory_format` maps the configs' ``"auto"`` to
 it on CPU and to ``"contiguous"`` elsewhere. The 1x1x1 convolutions (classifier, projection head)
-are matrix products over the channel axis, so no layer converts back and forth.
+are matrix products over the channel axis, so no layer converts back and forth; only the class maps
+(logits, a few channels) are copied to the default layout, which softmax, the losses and MONAI's
+inferers use.
 """
 
 import math
@@ -134,18 +136,23 @@ def _check_input(name: str, x: torch.Tensor, in_channels: int) -> None:
 class _PointwiseConv3d(nn.Conv3d):
     """1x1x1 convolution (same parameters as ``nn.Conv3d(cin, cout, 1)``).
 
-    On a channels_last_3d input it is one matrix product over the channel axis, whose result is
-    channels_last_3d again (PyTorch's CPU 1x1x1 convolution takes a slow path and returns a
-    contiguous tensor); otherwise it is the ordinary convolution.
+    On a channels_last_3d input it is one matrix product over the channel axis (PyTorch's CPU 1x1x1
+    convolution takes a slow path and returns a contiguous tensor); its result is channels_last_3d,
+    or, with ``contiguous_output``, copied to the default layout (the classifier: its few class maps
+    go to softmax, losses and inferers, which work in the default layout; the gradient flowing back
+    into the network is channels_last either way). On any other input it is the ordinary convolution.
     """
 
-    def __init__(self, cin: int, cout: int):
+    def __init__(self, cin: int, cout: int, contiguous_output: bool = False):
         super().__init__(cin, cout, 1)
+        self.contiguous_output = contiguous_output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
             weight = self.weight.reshape(self.out_channels, self.in_channels)
-            return nn.functional.linear(x.permute(0, 2, 3, 4, 1), weight, self.bias).permute(0, 4, 1, 2, 3)
+            # [B, H, W, D, C] is contiguous: a matrix product whose gradient comes back channels_last too
+            y = nn.functional.linear(x.permute(0, 2, 3, 4, 1), weight, self.bias).permute(0, 4, 1, 2, 3)
+            return y.contiguous() if self.contiguous_output else y
         return self._conv_forward(x, self.weight, self.bias)
 
 
@@ -294,7 +301,7 @@ class _EncoderDecoderNet(nn.Module):
         self.in_channels = int(in_channels)
         self.encoder = encoder
         self.decoder = _VNetDecoder(n_filters, norm, dropout, decoder_blocks)
-        self.out_conv = _PointwiseConv3d(n_filters, out_channels)
+        self.out_conv = _PointwiseConv3d(n_filters, out_channels, contiguous_output=True)
         if proj_dim > 0:
             self.proj: nn.Module = nn.Sequential(
                 _PointwiseConv3d(n_filters, n_filters), nn.ReLU(inplace=True), _PointwiseConv3d(n_filters, proj_dim)
