@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from conftest import tiny_dualnet
 from monai_dualssl.networks import DualNet, ResNetVNet, VNet, ensemble_uncertainty
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch\\.jit", "ignore:Converting a tensor to a Python integer")
@@ -12,7 +13,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch\\.jit", "ignore:Convertin
 
 NETS = [VNet, ResNetVNet]
 SMALL = {VNet: {"stages": (1, 1, 1, 1, 1)}, ResNetVNet: {"blocks": (1, 1, 1, 1)}}
-SMALL_DUAL = {"n_filters": 4, "resnet_blocks": (1, 1, 1, 1), "vnet_stages": (1, 1, 1, 1, 1)}
 
 
 def small(cls, **kwargs):
@@ -34,7 +34,7 @@ def test_default_parameter_count(cls, expected):
 
 
 def test_dualnet_state_dict_keys():
-    keys = DualNet(**SMALL_DUAL).state_dict().keys()
+    keys = tiny_dualnet().state_dict().keys()
     assert keys and all(k.startswith(("net_a.", "net_b.")) for k in keys)
     assert any(k.startswith("net_a.") for k in keys) and any(k.startswith("net_b.") for k in keys)
 
@@ -77,12 +77,11 @@ def test_input_checks(cls):
 
 def test_dualnet_input_check():
     with pytest.raises(ValueError, match="divisible by 16"):
-        DualNet(**SMALL_DUAL)(torch.randn(1, 1, 32, 24, 32))
+        tiny_dualnet()(torch.randn(1, 1, 32, 24, 32))
 
 
 def test_dualnet_is_mean_of_softmaxes():
-    torch.manual_seed(0)
-    net = DualNet(out_channels=3, **SMALL_DUAL).eval()
+    net = tiny_dualnet(out_channels=3).eval()
     x = x32(size=(16, 32, 16))
     with torch.no_grad():
         p = net(x)
@@ -92,7 +91,7 @@ def test_dualnet_is_mean_of_softmaxes():
     assert torch.allclose(p, expected, atol=1e-6)
     assert torch.allclose(p.sum(1), torch.ones(1, 16, 32, 16), atol=1e-5)
 
-    net_log = DualNet(out_channels=3, output="logits", **SMALL_DUAL).eval()
+    net_log = tiny_dualnet(seed=1, out_channels=3, output="logits").eval()
     net_log.load_state_dict(net.state_dict())
     with torch.no_grad():
         z = net_log(x)
@@ -101,15 +100,14 @@ def test_dualnet_is_mean_of_softmaxes():
 
 
 def test_dualnet_options():
-    net = DualNet(n_filters=8, n_filters_b=4, resnet_blocks=(1, 1, 1, 1), vnet_stages=(1, 1, 1, 1, 1), proj_dim=5)
+    net = tiny_dualnet(n_filters=8, n_filters_b=4, proj_dim=5)
     assert net.net_a.out_conv.in_channels == 8 and net.net_b.out_conv.in_channels == 4
     with pytest.raises(ValueError, match="output"):
-        DualNet(output="softmax", **SMALL_DUAL)
+        tiny_dualnet(output="softmax")
 
 
 def test_dualnet_torchscript_and_trace():
-    torch.manual_seed(0)
-    net = DualNet(output="logits", proj_dim=3, **SMALL_DUAL).eval()
+    net = tiny_dualnet(output="logits", proj_dim=3).eval()
     x = x32(seed=1, size=(16, 32, 16))
     scripted = torch.jit.script(net)
     with torch.no_grad():
@@ -147,6 +145,40 @@ def test_norm_variants(cls, norm):
     assert y.shape == (2, 2, 32, 16, 16) and torch.isfinite(y).all()
 
 
+@pytest.mark.parametrize("cls", NETS)
+def test_instance_norm_is_per_sample(cls):
+    """Instance norm normalises each sample with its own statistics, in training and evaluation alike (no
+    running statistics): a sample's output depends neither on the rest of the batch nor on the mode."""
+    net = small(cls, norm="instance", dropout=0.0)
+    x = x32(batch=2, size=(32, 32, 16))
+    x[1] = 3.0 * x[1] + 2.0  # a batch partner with other statistics
+    with torch.no_grad():
+        both = net.train()(x)
+        alone = net(x[:1])
+        evaluated = net.eval()(x[:1])
+    assert torch.allclose(both[:1], alone, atol=1e-5) and torch.allclose(evaluated, alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", NETS)
+@pytest.mark.parametrize("n_filters", [2, 8])
+def test_group_norm_normalises_groups_of_channels(cls, n_filters):
+    """Group norm with 8 groups (fewer when a layer has fewer channels: 2 channels, 2 groups; 4, 4): at
+    initialisation (unit weight, zero bias) every group of channels of every sample has mean 0 and variance 1."""
+    net = small(cls, norm="group", n_filters=n_filters).train()
+    seen = []
+    for m in net.modules():
+        if isinstance(m, torch.nn.GroupNorm):  # clone: the ReLU after the norm works in place
+            m.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    with torch.no_grad():
+        net(x32(batch=2, size=(32, 32, 32)))
+    assert seen and {o.shape[1] for o in seen} >= {2 * n_filters, 16 * n_filters}
+    for o in seen:
+        channels = o.shape[1]
+        groups = o.reshape(o.shape[0], min(8, channels), -1)
+        assert groups.mean(-1).abs().max() < 1e-4, channels
+        assert (groups.var(-1, unbiased=False) - 1).abs().max() < 1e-2, channels
+
+
 @pytest.mark.parametrize("cls", NETS + [DualNet])
 def test_unknown_norm(cls):
     with pytest.raises(ValueError, match="batch, instance, group, none"):
@@ -161,7 +193,7 @@ def test_invalid_stage_counts(cls):
 
 
 def test_gradients_reach_first_convs():
-    net = DualNet(output="logits", **SMALL_DUAL).train()
+    net = tiny_dualnet(output="logits").train()
     net(x32(batch=2, size=(32, 16, 16))).mean().backward()
     first_a = net.net_a.encoder.levels[0][0].weight
     first_b = net.net_b.encoder.levels[0][0][0].weight
@@ -225,8 +257,7 @@ def test_ensemble_uncertainty_extreme_logits_and_shape_check():
 
 @pytest.mark.parametrize("out_channels", [2, 3])
 def test_dualnet_uncertainty_output(out_channels):
-    torch.manual_seed(0)
-    net = DualNet(out_channels=out_channels, output="uncertainty", **SMALL_DUAL).eval()
+    net = tiny_dualnet(out_channels=out_channels, output="uncertainty").eval()
     x = x32(seed=2, size=(16, 16, 32))
     with torch.no_grad():
         out = net(x)
@@ -246,8 +277,7 @@ def test_dualnet_uncertainty_output(out_channels):
 
 
 def test_dualnet_uncertainty_torchscript_and_unknown_mode():
-    torch.manual_seed(0)
-    net = DualNet(output="uncertainty", **SMALL_DUAL).eval()
+    net = tiny_dualnet(output="uncertainty").eval()
     x = x32(seed=3, size=(16, 32, 16))
     scripted = torch.jit.script(net)
     with torch.no_grad():
