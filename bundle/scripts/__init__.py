@@ -9,6 +9,7 @@ from .data import *  # noqa: F401,F403
 from .engines import *  # noqa: F401,F403
 from .evaluation import *  # noqa: F401,F403
 from .handlers import *  # noqa: F401,F403
+from .labels import *  # noqa: F401,F403
 from .losses import *  # noqa: F401,F403
 from .networks import *  # noqa: F401,F403
 from .tracking import *  # noqa: F401,F403

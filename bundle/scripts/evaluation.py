@@ -32,6 +32,8 @@ from monai.transforms.utils import get_largest_connected_component_mask, has_mea
 from scipy import ndimage
 from tqdm import tqdm
 
+from .labels import class_names
+
 __all__ = [
     "METRIC_KEYS",
     "MODEL_NAMES",
@@ -554,11 +556,22 @@ def _markdown(summary: Mapping) -> str:
     for model, posts in summary["metrics"].items():
         for post, classes in posts.items():
             for cls, e in classes.items():
+                cls = summary.get("class_names", {}).get(cls, cls)
                 cells = [_fmt(e["dice"], 100), _fmt(e["jaccard"], 100)] + [_fmt(e[k]) for k in METRIC_KEYS[2:]]
                 lines.append(f"| {model} | {post} | {cls} | {e['n_cases']} | {e['n_empty_pred']} | "
                              + " | ".join(cells) + f" | {summary['seconds_per_volume'][model]:.2f} |")
     lines += ["", "Mean ± standard deviation (ddof=0) over cases. " + EMPTY_RULE, ""]
     return "\n".join(lines)
+
+
+def _named(row: Mapping, names: Mapping[int, str]) -> dict:
+    """``row`` with a ``class_name`` column after ``class``."""
+    out = {}
+    for key, value in row.items():
+        out[key] = value
+        if key == "class":
+            out["class_name"] = names[int(value)]
+    return out
 
 
 def _write(output_dir: Path, rows: Sequence[Mapping], summary: Mapping) -> None:
@@ -585,6 +598,7 @@ def evaluate(
     image_key: str = "image",
     label_key: str = "label",
     progress: bool = True,
+    label_names: Mapping[str, int] | None = None,
 ) -> dict:
     """
     Evaluate the ensemble and each network of ``network`` (a ``DualNet``) on every case of
@@ -615,6 +629,9 @@ def evaluate(
         image_key: batch key of the image.
         label_key: batch key of the label.
         progress: show a tqdm progress bar.
+        label_names: ``{name: label value}`` of the foreground classes (the config's ``label_names``): the
+            ``class_name`` column of ``metrics.csv``, the ``class_names`` of the summary and the class column
+            of ``summary.md``; None names them ``class_<value>``.
 
     Returns:
         the summary written to ``summary.json``.
@@ -646,6 +663,9 @@ def evaluate(
             rows += _case_rows(case, name, pred, gt, num_classes, vox, sec)
     if not rows:
         raise ValueError("the data loader yielded no case to evaluate.")
+    names = class_names(label_names) if label_names else {0: "background"}
+    names.update({int(r["class"]): f"class_{r['class']}" for r in rows if int(r["class"]) not in names})
+    rows = [_named(r, names) for r in rows]
     resampled = pixdim is not None and any(float(p) > 0 for p in pixdim)
     grid = f"resampled by the preprocessing to pixdim {list(pixdim)} mm" if resampled else "the images' own voxel grid"
     summary = {
@@ -660,6 +680,7 @@ def evaluate(
         "metric_definitions": METRIC_NOTES,
         "std": "population standard deviation over cases (ddof=0)",
         "seconds_per_volume": {m: float(np.mean(v)) for m, v in seconds.items()},
+        "class_names": {str(c): n for c, n in names.items() if c > 0},
         "metrics": summarize(rows),
     }
     _write(Path(output_dir), rows, summary)

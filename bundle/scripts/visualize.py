@@ -20,9 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .labels import class_names
+
 __all__ = ["save_montage", "montages_from_folder", "plot_training_curves"]
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".h5", ".hdf5")
+#: prediction fill colour of label value ``c`` (1, 2, ...): ``CLASS_COLOURS[(c - 1) % 8]``
+CLASS_COLOURS = ("red", "dodgerblue", "gold", "magenta", "cyan", "orange", "lime", "white")
 SEG_POSTFIX = "_seg"
 
 
@@ -64,13 +68,14 @@ def save_montage(
     num_slices: int = 4,
     title: str | None = None,
     uncertainty_name: str = "entropy",
+    label_names: dict[str, int] | None = None,
 ) -> str:
     """
     Save a PNG montage of ``num_slices`` axial slices (the last spatial axis) chosen evenly among the
     slices that hold foreground in ``pred`` or ``label``. The first row shows the image with the
     prediction as a translucent overlay (red, one colour per class) and the ground truth as a
-    contour (green); the second row, when ``uncertainty`` is given, shows the uncertainty as a heat
-    map over the image with a colour bar.
+    contour (green), with a legend naming each class by ``label_names``; the second row, when
+    ``uncertainty`` is given, shows the uncertainty as a heat map over the image with a colour bar.
 
     Slices are drawn with the first array axis horizontal and the second vertical (origin at the
     bottom left), i.e. as seen from the feet for RAS-oriented volumes.
@@ -86,12 +91,15 @@ def save_montage(
         num_slices: number of slices (columns); fewer when the volume has fewer slices.
         title: figure title (default: the file name of ``out_png``).
         uncertainty_name: caption of the uncertainty row.
+        label_names: ``{name: label value}`` of the foreground classes (the config's ``label_names``) for the
+            legend; None names them ``class <value>``.
 
     Returns:
         ``out_png`` as a string.
 
     Raises:
         ValueError: when an array has the wrong rank, the spatial shapes differ or ``num_slices < 1``.
+        ConfigError: ``label_names`` is not a valid ``{name: value}`` dict (see :func:`class_names`).
     """
     if num_slices < 1:
         raise ValueError(f"save_montage: num_slices must be >= 1, found {num_slices}.")
@@ -105,9 +113,13 @@ def save_montage(
                 f"save_montage: {name} spatial shape {tuple(arr.shape)} differs from image spatial shape {img.shape}."
             )
 
+    names = class_names(label_names) if label_names else {}
+
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     slices = _pick_slices([seg] + ([gt] if gt is not None else []), img.shape[-1], num_slices)
     rows = 2 if unc is not None else 1
@@ -116,7 +128,7 @@ def save_montage(
     axes = np.asarray(fig.subplots(rows, len(slices), squeeze=False))
     lo, hi = (float(v) for v in np.percentile(img, (0.5, 99.5)))
     n_classes = int(max(seg.max(), 0 if gt is None else gt.max(), 1))
-    colours = ListedColormap(["red", "dodgerblue", "gold", "magenta", "cyan", "orange", "lime", "white"])
+    colours = ListedColormap(CLASS_COLOURS)
     u_max = float(unc.max()) if unc is not None and unc.max() > 0 else 1.0
     heat = None
     for j, z in enumerate(slices):
@@ -137,6 +149,13 @@ def save_montage(
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
+    present = {int(c) for c in np.unique(seg) if c > 0} | ({int(c) for c in np.unique(gt) if c > 0} if gt is not None else set())
+    legend = [Patch(facecolor=CLASS_COLOURS[(c - 1) % len(CLASS_COLOURS)], alpha=0.6, label=names.get(c, f"class {c}"))
+              for c in sorted((set(names) - {0}) | present)]
+    if gt is not None:
+        legend.append(Line2D([], [], color="lime", lw=1.0, label="ground truth"))
+    if legend:
+        axes[0, -1].legend(handles=legend, loc="upper right", fontsize=7, framealpha=0.7)
     axes[0, 0].set_ylabel("prediction (fill)" + (", truth (green)" if gt is not None else ""), fontsize=9)
     if unc is not None:
         axes[1, 0].set_ylabel(uncertainty_name, fontsize=9)
@@ -180,6 +199,7 @@ def montages_from_folder(
     num_slices: int = 4,
     uncertainty: str | None = "entropy",
     suffixes: Sequence[str] = IMAGE_SUFFIXES,
+    label_names: dict[str, int] | None = None,
 ) -> list[str]:
     """
     Write one montage (:func:`save_montage`) per segmentation written by ``inference.json``.
@@ -199,6 +219,7 @@ def montages_from_folder(
         num_slices: slices per montage.
         uncertainty: postfix of the uncertainty map to show (``"entropy"``, ``"disagreement"``) or None.
         suffixes: file name endings tried for images and labels.
+        label_names: ``{name: label value}`` of the foreground classes, for the legends.
 
     Returns:
         the paths of the PNG files written, in sorted case order.
@@ -233,6 +254,7 @@ def montages_from_folder(
                 num_slices=num_slices,
                 title=str(rel / stem) if str(rel) != "." else stem,
                 uncertainty_name=uncertainty or "",
+                label_names=label_names,
             )
         )
     return written
