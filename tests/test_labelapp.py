@@ -5,7 +5,14 @@ there from the main suite.
 """
 
 import json
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 
 import nibabel as nib
 import numpy as np
@@ -21,18 +28,17 @@ from monailabel.interfaces.utils.app import app_instance  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 from conftest import CONFIGS  # noqa: E402
-from monai_dualssl.labelapp import APP_DIR, SCORE_KEY, DualSSLInferTask, DualSSLTrainTask  # noqa: E402
+from monai_dualssl.labelapp import SCORE_KEY, DualSSLInferTask, DualSSLTrainTask, create_app  # noqa: E402
 
 TINY_NET = {"n_filters": 4, "resnet_blocks": [1, 1, 1, 1], "vnet_stages": [1, 1, 1, 1, 1], "proj_dim": 8}
 
 
-@pytest.fixture
-def bundle(tmp_path):
-    """The bundle's configs with tiny networks and a model.pt of random weights, in a temporary folder."""
-    root = tmp_path / "bundle"
+def make_bundle(root, **infer_values):
+    """The bundle's configs with tiny networks (and ``infer_values`` in inference.json) and a model.pt of
+    random weights, in the folder ``root``."""
     shutil.copytree(CONFIGS, root / "configs")
     infer = json.loads((root / "configs" / "inference.json").read_text())
-    infer.update(TINY_NET)
+    infer.update(TINY_NET, **infer_values)
     (root / "configs" / "inference.json").write_text(json.dumps(infer, indent=2))
     parser = ConfigParser()
     parser.read_config(str(root / "configs" / "inference.json"))
@@ -40,6 +46,12 @@ def bundle(tmp_path):
     (root / "models").mkdir()
     torch.save(parser.get_parsed_content("network_def").state_dict(), root / "models" / "model.pt")
     return root
+
+
+@pytest.fixture
+def bundle(tmp_path):
+    """The bundle's configs with tiny networks and a model.pt of random weights, in a temporary folder."""
+    return make_bundle(tmp_path / "bundle")
 
 
 def volume(path, shape=(40, 36, 20), seed=0):
@@ -57,13 +69,13 @@ def volume(path, shape=(40, 36, 20), seed=0):
 def test_bundle_infer_task_returns_label_in_input_geometry(bundle, tmp_path):
     _, affine = volume(tmp_path / "case.nii.gz")
     task = DualSSLInferTask(str(bundle), {})
-    assert task.is_valid() and task.labels == {"foreground": 1}
+    assert task.is_valid() and task.labels == {"left_atrium": 1}
     label_file, result = task({"image": str(tmp_path / "case.nii.gz"), "device": "cpu"})
     label = nib.load(label_file)
     assert label.shape == (40, 36, 20)
     assert np.allclose(label.affine, affine, atol=1e-5)
     assert set(np.unique(np.asarray(label.dataobj))) <= {0, 1}
-    assert result["label_names"] == {"foreground": 1}
+    assert result["label_names"] == {"left_atrium": 1}
 
 
 def datastore(root, labeled=3, unlabeled=2):
@@ -103,8 +115,9 @@ def test_app_serves_the_bundle_and_next_sample_is_the_most_uncertain(bundle, tmp
     monkeypatch.setattr(settings, "MONAI_LABEL_AUTO_UPDATE_SCORING", False)  # no server to call back
     studies = tmp_path / "studies"
     datastore(studies, labeled=1, unlabeled=3)
-    app = app_instance(app_dir=APP_DIR, studies=str(studies), conf={"bundle": str(bundle)})
+    app = app_instance(app_dir=create_app(tmp_path / "app"), studies=str(studies), conf={"bundle": str(bundle)})
     info = app.info()
+    assert info["models"]["dualssl"]["labels"] == {"left_atrium": 1}
     assert set(info["models"]) == {"dualssl"} and set(info["trainers"]) == {"dualssl"}
     assert {"disagreement", "random", "first"} <= set(info["strategies"]) and set(info["scoring"]) == {"disagreement"}
 
@@ -137,7 +150,7 @@ def test_scoring_ranks_an_ambiguous_volume_above_a_clean_one(tmp_path, monkeypat
     nib.save(nib.Nifti1Image(noisy, affine), studies / "ambiguous.nii.gz")
 
     monkeypatch.setattr(settings, "MONAI_LABEL_AUTO_UPDATE_SCORING", False)
-    app = app_instance(app_dir=APP_DIR, studies=str(studies), conf={"bundle": str(REPO / "bundle")})
+    app = app_instance(app_dir=create_app(tmp_path / "app"), studies=str(studies), conf={"bundle": str(REPO / "bundle")})
     app.scoring({"method": "disagreement", "device": "cpu"})
     store = app.datastore()
     clean, ambiguous = (store.get_image_info(i)[SCORE_KEY] for i in ("clean", "ambiguous"))
@@ -155,3 +168,84 @@ def test_monailabel_epistemic_scoring_sets_dropout_on_network_def(bundle, tmp_pa
     summary = EpistemicScoring(task, max_samples=0, simulation_size=2)({"device": "cpu", "max_workers": 1}, store)
     assert summary["executed"] == 2
     assert all(store.get_image_info(i)["epistemic_entropy"] >= 0 for i in store.get_unlabeled_images())
+
+
+def test_three_classes_are_named_by_label_names_in_the_infer_task_and_app_info(tmp_path, monkeypatch):
+    """A 3-class bundle (background and two named classes): the labels MONAI Label shows are the config's names."""
+    names = {"organ": 1, "lesion": 2}
+    root = make_bundle(tmp_path / "bundle", num_classes=3, label_names=names)
+    volume(tmp_path / "case.nii.gz")
+    task = DualSSLInferTask(str(root), {})
+    assert task.labels == names
+    label_file, result = task({"image": str(tmp_path / "case.nii.gz"), "device": "cpu"})
+    assert result["label_names"] == names
+    assert set(np.unique(np.asarray(nib.load(label_file).dataobj))) <= {0, 1, 2}
+
+    monkeypatch.setattr(settings, "MONAI_LABEL_AUTO_UPDATE_SCORING", False)
+    datastore(tmp_path / "studies", labeled=1, unlabeled=1)
+    app = app_instance(app_dir=create_app(tmp_path / "app"), studies=str(tmp_path / "studies"), conf={"bundle": str(root)})
+    assert app.info()["models"]["dualssl"]["labels"] == names
+
+
+def test_label_names_that_do_not_fit_num_classes_are_refused(tmp_path):
+    root = make_bundle(tmp_path / "bundle", num_classes=3)  # label_names still {"left_atrium": 1}
+    with pytest.raises(ValueError, match=r"label values \[2\] have no name"):
+        DualSSLInferTask(str(root), {})
+
+
+def test_train_task_trains_the_classes_the_infer_task_serves(bundle):
+    task = DualSSLTrainTask(str(bundle), {})
+    overrides = task._update_overrides({task.const.key_train_trainer_max_epochs(): 1, task.const.key_train_dataset_data(): [{"image": "a"}]})
+    assert overrides["label_names"] == {"left_atrium": 1} and overrides["num_classes"] == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_server_over_http_lists_the_real_label_names_and_logs_in_the_app_folder(tmp_path):
+    """``monailabel start_server`` on the app folder of ``python -m monai_dualssl.labelapp`` and the repository's
+    bundle: /info names the shipped model's class, inference answers over HTTP, the log is in the app folder
+    and nothing is written into the package."""
+    from conftest import REPO
+
+    package = REPO / "bundle" / "scripts"
+    before = sorted(p.relative_to(package) for p in package.rglob("*") if "__pycache__" not in p.parts)
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
+           "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "OMP_NUM_THREADS": "1"}
+    made = subprocess.run([sys.executable, "-m", "monai_dualssl.labelapp", str(tmp_path / "app")], capture_output=True,
+                          text=True, env=env, cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    app = made.stdout.strip()
+    assert app == str(tmp_path / "app") and (tmp_path / "app" / "main.py").is_file()
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    volume(studies / "case.nii.gz", shape=(48, 40, 24))
+    port = _free_port()
+    server = subprocess.Popen(
+        ["monailabel", "start_server", "--app", app, "--studies", str(studies), "--conf", "bundle", str(REPO / "bundle"),
+         "--host", "127.0.0.1", "--port", str(port)],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        info, deadline = None, time.time() + 300
+        while info is None and time.time() < deadline and server.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/info/", timeout=10) as r:
+                    info = json.loads(r.read())
+            except OSError:
+                time.sleep(1)
+        assert info is not None, "the server did not answer /info"
+        assert info["models"]["dualssl"]["labels"] == {"left_atrium": 1}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/infer/dualssl?image=case&output=image", method="POST")
+        with urllib.request.urlopen(request, timeout=600) as r:
+            (tmp_path / "label.nii.gz").write_bytes(r.read())
+        assert nib.load(tmp_path / "label.nii.gz").shape == (48, 40, 24)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+    assert (tmp_path / "app" / "logs" / "app.log").is_file()
+    after = sorted(p.relative_to(package) for p in package.rglob("*") if "__pycache__" not in p.parts)
+    assert after == before

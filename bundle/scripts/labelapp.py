@@ -3,21 +3,26 @@ MONAI Label backend: serve the bundle, retrain both networks on the datastore, a
 unlabeled images by how much the two networks disagree on them.
 
 Needs ``monailabel`` (0.8.5; it pins numpy<2, so give it its own environment) and is not imported by
-``import monai_dualssl``. Start a server on a folder of images with the ready app in ``APP_DIR``,
-from that environment (activated: the ``monailabel`` launcher runs the ``python`` on PATH)::
+``import monai_dualssl``. ``python -m monai_dualssl.labelapp <folder>`` writes a MONAI Label app folder
+(its ``main.py``; MONAI Label writes the server's log to ``<folder>/logs/app.log``) and prints its path.
+Start a server on a folder of images with it, from that environment (activated: the ``monailabel``
+launcher runs the ``python`` on PATH)::
 
-    monailabel start_server --app "$(python -c 'import monai_dualssl.labelapp as m; print(m.APP_DIR)')" \\
+    monailabel start_server --app "$(python -m monai_dualssl.labelapp dualssl_app)" \\
         --studies /data/images --conf bundle /path/to/bundle
 
-The app offers the infer and train task ``dualssl``, the scoring method ``disagreement`` (run after
-every training and every "next sample" request) and the strategy ``disagreement`` (the unlabeled
-image of highest score), beside MONAI Label's ``random`` and ``first``.
+The app offers the infer and train task ``dualssl`` (labels named by the bundle's ``label_names``), the
+scoring method ``disagreement`` (run after every training and every "next sample" request) and the
+strategy ``disagreement`` (the unlabeled image of highest score), beside MONAI Label's ``random`` and
+``first``. Training writes the bundle's ``runs/monailabel`` and ``models/model.pt``: give a bundle folder
+you may write to.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,35 +40,71 @@ from monailabel.tasks.train.bundle import BundleTrainTask
 from monailabel.utils.others.generic import name_to_device
 
 from .evaluation import disagreement_score, load_weights
+from .labels import class_names
 
-__all__ = ["APP_DIR", "DisagreementScoring", "DualSSLApp", "DualSSLInferTask", "DualSSLTrainTask", "default_bundle"]
+__all__ = ["DisagreementScoring", "DualSSLApp", "DualSSLInferTask", "DualSSLTrainTask", "create_app", "default_bundle"]
 
 logger = logging.getLogger(__name__)
 
-APP_DIR = str(Path(__file__).resolve().parent / "app")
 SCORE_KEY = "dualssl_disagreement"
+APP_MAIN = '''"""MONAI Label app of the monai_dualssl bundle (written by ``python -m monai_dualssl.labelapp``).
+
+    monailabel start_server --app <this folder> --studies <images> --conf bundle <bundle folder>
+"""
+
+from monai_dualssl.labelapp import DualSSLApp  # noqa: F401 (MONAI Label finds the app class here)
+'''
+
+
+def create_app(folder: str | os.PathLike) -> str:
+    """Write the MONAI Label app folder ``folder`` (its ``main.py``) and return its absolute path.
+
+    MONAI Label keeps the server's log in ``<folder>/logs/app.log``: the app lives where the user chooses,
+    outside the package. The ``main.py`` of another app is not overwritten.
+
+    Raises:
+        FileExistsError: ``folder/main.py`` exists and is not this app's.
+    """
+    folder = Path(folder).resolve()
+    main = folder / "main.py"
+    if main.is_file() and "from monai_dualssl.labelapp import DualSSLApp" not in main.read_text():
+        raise FileExistsError(f"{main} exists and is not the monai_dualssl app; choose another folder.")
+    folder.mkdir(parents=True, exist_ok=True)
+    main.write_text(APP_MAIN)
+    return str(folder)
 
 
 def default_bundle() -> str:
     """The bundle folder this package was installed from (``bundle/``, holding ``configs`` and ``models``).
 
     Raises:
-        FileNotFoundError: the package is not inside a bundle folder (a wheel install); pass ``--conf bundle``.
+        FileNotFoundError: the package is not inside a bundle folder (installed from a wheel, which holds the
+            Python package only): the bundle folder must be given with ``--conf bundle <folder>``.
     """
     root = Path(__file__).resolve().parent.parent
     if not (root / "configs" / "inference.json").is_file():
         raise FileNotFoundError(
-            f"no bundle found at {root} (expected configs/inference.json); start the server with --conf bundle <folder>."
+            "monai_dualssl is installed without its bundle (a wheel holds the Python package only): start the server "
+            "with --conf bundle <folder>, the bundle folder holding configs/inference.json and models/model.pt (the "
+            "repository's bundle/ folder, or a copy of it)."
         )
     return str(root)
 
 
 class DualSSLInferTask(BundleInferTask):
-    """MONAI Label's :class:`BundleInferTask` for this bundle (``inference.json``, ``models/model.pt``).
+    """MONAI Label's :class:`BundleInferTask` for this bundle (``inference.json``, ``models/model.pt``),
+    its labels named by ``inference.json``'s ``label_names`` (``{"left_atrium": 1}`` for the shipped model).
 
     The request key ``image_path`` is held back while the preprocessing runs: MONAI 1.6's ``Spacingd``
     updates every key starting with ``image_`` as if it were a metadata dict, which fails on that string.
     """
+
+    def __init__(self, path: str, conf: dict, **kwargs):
+        super().__init__(path, conf, **kwargs)
+        if self.valid:  # the labels a viewer shows: the config's label_names (metadata.json's channel_def agrees)
+            names = class_names(self.bundle_config.get_parsed_content("label_names"),
+                                self.bundle_config.get_parsed_content("num_classes"))
+            self.labels = {name: value for value, name in names.items() if value > 0}
 
     def run_pre_transforms(self, data: dict, transforms):
         path = data.pop("image_path", None)
@@ -103,7 +144,11 @@ class DualSSLTrainTask(BundleTrainTask):
         epochs = int(overrides.pop(self.const.key_train_trainer_max_epochs()))
         models = os.path.join(self.bundle_path, "models")  # where the infer task reads model.pt
         # every request is a fresh run in runs/monailabel that replaces the previous one's checkpoints
-        overrides.update({"run_name": "monailabel", "model_dir": models, "resume": False, "overwrite": True, **self.overrides})
+        # the classes of the model the infer task serves
+        infer = ConfigParser.load_config_file(os.path.join(self.bundle_path, "configs", "inference.json"))
+        served = {k: infer[k] for k in ("num_classes", "label_names") if k in infer}
+        overrides.update({"run_name": "monailabel", "model_dir": models, "resume": False, "overwrite": True, **served,
+                          **self.overrides})
         epoch_length = int(overrides.get("epoch_length", self.bundle_config["epoch_length"]))
         overrides["max_iterations"] = epochs * epoch_length
         if self._unlabeled:
@@ -202,3 +247,7 @@ class DualSSLApp(MONAILabelApp):
             "random": Random(),
             "first": First(),
         }
+
+
+if __name__ == "__main__":
+    print(create_app(sys.argv[1] if len(sys.argv) > 1 else "dualssl_app"))
