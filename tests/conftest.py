@@ -109,3 +109,12 @@ def _few_threads():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "last: runs after every other test (checks what the whole run left behind)")
+
+
+def pytest_collection_modifyitems(items):
+    """Tests marked ``last`` (test_package.py: the package folder is unchanged) run after all the others."""
+    items.sort(key=lambda item: item.get_closest_marker("last") is not None)

@@ -188,8 +188,15 @@ def check_config(parser: ConfigParser | None = None) -> None:
     sys.excepthook = _report_last
     parser = parser or running_parser()
     config = parser.get()
-    bundles = {Path(parser.get_parsed_content("bundle_root")), PACKAGE_BUNDLE}
+    bundle_root = Path(parser.get_parsed_content("bundle_root"))
+    bundles = {bundle_root, PACKAGE_BUNDLE}
     declared = set().union(*(declared_keys(root / "configs") for root in bundles))
+    if not declared:  # a wheel install holds the package only, and bundle_root is not a bundle folder
+        raise ConfigError(
+            f"no bundle found: bundle_root '{bundle_root}' holds no configs/ folder and monai_dualssl is installed "
+            "without its bundle. Run from the folder holding bundle/, or pass --bundle_root <bundle folder> (the "
+            "folder holding configs/ and models/)."
+        )
     problems = _unknown_keys(config, declared) + _type_problems(config) + _schedule_problems(config)
     if problems:
         raise ConfigError("configuration problem(s):\n  " + "\n  ".join(problems))
