@@ -7,6 +7,7 @@ gradient at all.
 import pytest
 import torch
 
+from conftest import tiny_dualnet
 from monai_dualssl.losses import (
     CosineConsistencyLoss,
     CrossConsistencyLoss,
@@ -14,14 +15,11 @@ from monai_dualssl.losses import (
     PrototypeContrastiveLoss,
     SupervisedLoss,
 )
-from monai_dualssl.networks import DualNet
 
 
 @pytest.fixture(scope="module")
 def setup():
-    torch.manual_seed(0)
-    net = DualNet(out_channels=3, n_filters=4, resnet_blocks=(1, 1, 1, 1), vnet_stages=(1, 1, 1, 1, 1), proj_dim=8)
-    net.train()
+    net = tiny_dualnet(out_channels=3).train()
     x = torch.randn(2, 1, 32, 32, 16)
     y = torch.randint(0, 3, (1, 1, 32, 32, 16))
     return net, x, y

@@ -15,6 +15,7 @@ from monai.bundle import ConfigParser, ckpt_export, run, verify_metadata, verify
 from monai.data import load_net_with_metadata
 from monai.transforms import LoadImage
 
+from conftest import TINY_NET, blob_image
 from monai_dualssl import DualNet, montages_from_folder, plot_training_curves, save_montage
 
 pytestmark = pytest.mark.filterwarnings(
@@ -27,7 +28,6 @@ INFERENCE = CONFIGS / "inference.json"
 METADATA = CONFIGS / "metadata.json"
 SCHEMA = Path(__file__).resolve().parents[2] / "shared" / "monai" / "meta_schema_20240725.json"
 
-TINY = {"n_filters": 4, "resnet_blocks": [1, 1, 1, 1], "vnet_stages": [1, 1, 1, 1, 1], "proj_dim": 8}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -122,12 +122,6 @@ def test_ckpt_export_matches_eager(tmp_path):
 H5_SPACING = [0.5, 0.75, 1.25]
 
 
-def _blob(shape, seed):
-    rng = np.random.default_rng(seed)
-    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
-    return (np.sqrt((grid**2).sum(0)) < 0.5).astype(np.float32) * 2.0 + rng.normal(0, 0.3, shape).astype(np.float32)
-
-
 def _write_dicom_series(folder: Path, array_zyx: np.ndarray) -> None:
     import itk
 
@@ -149,18 +143,19 @@ def inference_run(tmp_path_factory):
     inputs.mkdir()
     affine_a = np.array([[1.5, 0, 0, -20.0], [0, 1.0, 0, 12.5], [0, 0, 2.0, 3.0], [0, 0, 0, 1]])
     affine_b = np.array([[-1.5, 0, 0, 40.0], [0, 0, 1.0, -7.0], [0, 2.0, 0, 5.0], [0, 0, 0, 1]])  # flipped, permuted
-    nib.save(nib.Nifti1Image(_blob((36, 30, 20), 0), affine_a), inputs / "case_a.nii.gz")
-    nib.save(nib.Nifti1Image(_blob((28, 34, 18), 1), affine_b), inputs / "case_b.nii.gz")
+    nib.save(nib.Nifti1Image(blob_image((36, 30, 20), 0)[0], affine_a), inputs / "case_a.nii.gz")
+    nib.save(nib.Nifti1Image(blob_image((28, 34, 18), 1)[0], affine_b), inputs / "case_b.nii.gz")
     with h5py.File(inputs / "case_c.h5", "w") as f:
-        f["image"] = _blob((32, 24, 20), 2)
-    _write_dicom_series(inputs / "series_d", (_blob((10, 24, 20), 3) * 100).astype(np.int16))
+        f["image"] = blob_image((32, 24, 20), 2)[0]
+    _write_dicom_series(inputs / "series_d", (blob_image((10, 24, 20), 3)[0] * 100).astype(np.int16))
     labels = root / "labels"  # ground truth for the montages: a NIfTI label and the h5 file's label
     labels.mkdir()
-    nib.save(nib.Nifti1Image((_blob((36, 30, 20), 0) > 1).astype(np.uint8), affine_a), labels / "case_a.nii.gz")
+    label_a = (blob_image((36, 30, 20), 0)[0] > 1).astype(np.uint8)
+    nib.save(nib.Nifti1Image(label_a, affine_a), labels / "case_a.nii.gz")
     with h5py.File(labels / "case_c.h5", "w") as f:
-        f["label"] = (_blob((32, 24, 20), 2) > 1).astype(np.uint8)
+        f["label"] = (blob_image((32, 24, 20), 2)[0] > 1).astype(np.uint8)
     bundle_root = root / "bundle"
-    write_model(bundle_root, **TINY)
+    write_model(bundle_root, **TINY_NET)
     output_dir = root / "out"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -176,7 +171,7 @@ def inference_run(tmp_path_factory):
             amp=False,
             num_workers=0,
             **{"inferer#roi_size": [32, 32, 16]},
-            **TINY,
+            **TINY_NET,
         )
     finally:
         torch.set_num_threads(threads)
@@ -226,7 +221,7 @@ def test_inference_keeps_voxel_correspondence(inference_run, tmp_path):
     """With a known voxel-wise "network", every saved segmentation equals ``image > mean`` voxel for
     voxel: no flip, permutation or shift between the input and the output arrays."""
     inputs, _ = inference_run
-    write_model(tmp_path, **TINY)
+    write_model(tmp_path, **TINY_NET)
     run(
         config_file=str(INFERENCE),
         logging_file=False,
@@ -240,7 +235,7 @@ def test_inference_keeps_voxel_correspondence(inference_run, tmp_path):
         uncertainty_network=_AboveMean(),
         pixdim=[0, 0, 0],  # no resampling: the output grid is the input's, voxel for voxel
         **{"inferer#roi_size": [32, 32, 16]},
-        **TINY,
+        **TINY_NET,
     )
     for name in ("case_a", "case_b", "case_c", "series_d"):
         if name == "case_c":
@@ -372,14 +367,14 @@ def test_inference_folder_with_bad_files(tmp_path):
 
     inputs = tmp_path / "images"
     inputs.mkdir()
-    nib.save(nib.Nifti1Image(_blob((24, 20, 16), 0), np.eye(4)), inputs / "good.nii.gz")
+    nib.save(nib.Nifti1Image(blob_image((24, 20, 16), 0)[0], np.eye(4)), inputs / "good.nii.gz")
     (inputs / "corrupt.nii.gz").write_bytes(b"not a NIfTI file")
-    with_nan = _blob((24, 20, 16), 1)
+    with_nan = blob_image((24, 20, 16), 1)[0]
     with_nan[3, 4, 5], with_nan[0, 0, 0] = np.nan, np.inf
     nib.save(nib.Nifti1Image(with_nan, np.eye(4)), inputs / "has_nan.nii.gz")
-    nib.save(nib.Nifti1Image(_blob((24, 20), 2), np.eye(4)), inputs / "flat.nii.gz")
-    nib.save(nib.Nifti1Image(_blob((24, 20, 16, 2), 3), np.eye(4)), inputs / "two_channels.nii.gz")
-    write_model(tmp_path, **TINY)
+    nib.save(nib.Nifti1Image(blob_image((24, 20), 2)[0], np.eye(4)), inputs / "flat.nii.gz")
+    nib.save(nib.Nifti1Image(blob_image((24, 20, 16, 2), 3)[0], np.eye(4)), inputs / "two_channels.nii.gz")
+    write_model(tmp_path, **TINY_NET)
     with pytest.raises(RuntimeError) as error:  # the config's "Failed to evaluate", from the DataError
         run(
             config_file=str(INFERENCE),
@@ -391,7 +386,7 @@ def test_inference_folder_with_bad_files(tmp_path):
             amp=False,
             num_workers=0,
             **{"inferer#roi_size": [32, 32, 16]},
-            **TINY,
+            **TINY_NET,
         )
     cause = error.value.__cause__
     assert isinstance(cause, DataError), repr(error.value)
