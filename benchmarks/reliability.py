@@ -118,7 +118,7 @@ def scenarios(work: Path):
     (inputs / "corrupt.nii.gz").write_bytes(b"not a volume")
     code, last = cli(config="inference.json", input=str(inputs), output_dir=str(work / "out"), num_workers="0")
     written = sorted(p.name for p in (work / "out").rglob("*.nii.gz")) if (work / "out").exists() else []
-    yield "inference on a folder: good, corrupt and NaN files", code, f"{last} (written: {', '.join(written)})"
+    yield "inference on a folder: good, corrupt and NaN files", code, f"writes {', '.join(written)}; then {last}"
     yield "SIGKILL during a checkpoint save", "-", "previous checkpoint kept and loadable (test_a_kill_during_a_checkpoint_save_...)"
     yield "SIGKILL after a checkpoint, then `--resume True`", "-", "weights equal to the uninterrupted run's (test_kill_and_resume)"
 
