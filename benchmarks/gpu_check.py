@@ -105,6 +105,7 @@ class Monitor:
     def __init__(self, trainer, device: torch.device, iterations: int) -> None:
         self.trainer, self.device, self.iterations = trainer, device, iterations
         self.times: list[float] = []
+        self.cpu_times: list[float] = []  # CPU seconds of this process (all its threads): wall time on a loaded machine
         self.terms: list[dict[str, float]] = []
         self.skipped = 0
         self.problems: list[str] = []
@@ -118,7 +119,7 @@ class Monitor:
 
     def started(self, engine) -> None:
         self._sync()
-        self._start = time.perf_counter()
+        self._start, self._cpu_start = time.perf_counter(), time.process_time()
         if engine.state.iteration == 1:  # iteration counter is already 1 here
             self.rss_before = peak_rss()
         self._scale = engine.scaler.get_scale() if engine.scaler.is_enabled() else None
@@ -126,6 +127,7 @@ class Monitor:
     def completed(self, engine) -> None:
         self._sync()
         self.times.append(time.perf_counter() - self._start)
+        self.cpu_times.append(time.process_time() - self._cpu_start)
         terms = {k: v for k, v in monai_dualssl.loss_terms(engine.state.output).items() if not k.startswith(("w_", "lr_"))}
         self.terms.append(terms)
         bad = [k for k, v in terms.items() if not math.isfinite(v)]
@@ -134,7 +136,7 @@ class Monitor:
         if self._scale is not None and engine.scaler.get_scale() < self._scale:
             self.skipped += 1  # the scaler found inf/NaN gradients, skipped the step and lowered the scale
         shown = "  ".join(f"{k} {v:.4g}" for k, v in terms.items())
-        print(f"iteration {engine.state.iteration}: {self.times[-1]:.2f} s  {shown}", flush=True)
+        print(f"iteration {engine.state.iteration}: {self.times[-1]:.2f} s (CPU {self.cpu_times[-1]:.1f} s)  {shown}", flush=True)
         if engine.state.iteration >= self.iterations:
             engine.terminate()
 
@@ -192,9 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         if n == 0:
             problems.append(f"network {name}: no parameter changed")
     timed = monitor.times[1:]
-    seconds = sum(timed) / max(len(timed), 1)
+    seconds = sum(timed) / len(timed)
+    cpu = sum(monitor.cpu_times[1:]) / len(timed)
     print(f"\nseconds per iteration (excluding the first): {seconds:.3f}  ({1 / seconds:.3f} iterations/s); "
-          f"first iteration {monitor.times[0]:.2f} s")
+          f"first iteration {monitor.times[0]:.2f} s; CPU time per iteration {cpu:.1f} s ({torch.get_num_threads()} threads)")
     if args.device.type == "cuda":
         print(f"peak GPU memory (max_memory_allocated): {gib(torch.cuda.max_memory_allocated(args.device))}; "
               f"peak RSS {gib(peak_rss())}")
