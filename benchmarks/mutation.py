@@ -59,15 +59,16 @@ def stage_dir(module: str) -> Path:
     return STAGES / module
 
 
-def sync(src: Path, dst: Path) -> None:
+def sync(src: Path, dst: Path, keep: set[str] = frozenset()) -> None:
     """Copy the tree ``src`` to ``dst``, rewriting only files whose content differs (so mutmut's
-    modification times stay meaningful) and removing files that are gone."""
+    modification times stay meaningful) and removing files that are gone; the top-level files named in
+    ``keep`` are left to the caller."""
     dst.mkdir(parents=True, exist_ok=True)
     names = {p.name for p in src.iterdir() if p.name != "__pycache__"}
     for stale in {p.name for p in dst.iterdir()} - names:
         target = dst / stale
         shutil.rmtree(target) if target.is_dir() else target.unlink()
-    for name in names:
+    for name in names - set(keep):
         s, d = src / name, dst / name
         if s.is_dir():
             sync(s, d)
@@ -75,12 +76,49 @@ def sync(src: Path, dst: Path) -> None:
             shutil.copy2(s, d)
 
 
+def lift_decorators(source: str) -> str:
+    """``source`` with every decorator that is a plain name defined in the file (``@_float32``) moved from
+    its function to a rebinding after it: ``Class.f = deco(Class.f)`` after the class, ``f = deco(f)``
+    after a top-level function. The behaviour is the same, but mutmut 3 skips decorated functions
+    entirely (their mutants would not exist), so without this the decorated methods of the losses
+    would not be mutation-tested at all."""
+    tree = ast.parse(source)
+    local = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+
+    def liftable(fn) -> bool:
+        decorators = getattr(fn, "decorator_list", None)
+        return bool(decorators) and all(isinstance(d, ast.Name) and d.id in local for d in decorators)
+
+    removed, added = set(), {}
+    for node in tree.body:
+        members = node.body if isinstance(node, ast.ClassDef) else [node]
+        for fn in members:
+            if not (isinstance(fn, ast.FunctionDef) and liftable(fn)):
+                continue
+            name = f"{node.name}.{fn.name}" if isinstance(node, ast.ClassDef) else fn.name
+            wrapped = name
+            for d in reversed(fn.decorator_list):
+                removed.update(range(d.lineno, d.end_lineno + 1))
+                wrapped = f"{d.id}({wrapped})"
+            added.setdefault(node.end_lineno, []).append(f"{name} = {wrapped}\n")
+    out = []
+    for number, line in enumerate(source.splitlines(keepends=True), 1):
+        if number not in removed:
+            out.append(line)
+        if number in added:
+            out += ["\n", *added[number]]
+    return "".join(out)
+
+
 def prepare(module: str, fresh: bool) -> Path:
     """Stage ``module``: the package as ``monai_dualssl/``, the tests, the configs and ``setup.cfg``."""
     spec, stage = MODULES[module], stage_dir(module)
     if fresh and stage.exists():
         shutil.rmtree(stage)
-    sync(SOURCE, stage / PACKAGE)
+    sync(SOURCE, stage / PACKAGE, keep={spec["file"]})
+    mutated, lifted = stage / PACKAGE / spec["file"], lift_decorators((SOURCE / spec["file"]).read_text())
+    if not mutated.is_file() or mutated.read_text() != lifted:
+        mutated.write_text(lifted)
     sync(REPO / "tests", stage / "tests")
     sync(REPO / "bundle" / "configs", stage / "bundle" / "configs")  # where the tests find them
     sync(REPO / "bundle" / "configs", stage / "configs")  # beside the package, where the package finds them
