@@ -101,7 +101,9 @@ class DualSSLInferTask(BundleInferTask):
 
     def __init__(self, path: str, conf: dict, **kwargs):
         super().__init__(path, conf, **kwargs)
-        if self.valid:  # the labels a viewer shows: the config's label_names (metadata.json's channel_def agrees)
+        # the labels a viewer shows: the config's label_names (metadata.json's channel_def agrees); a bundle
+        # without label_names keeps MONAI Label's reading of channel_def
+        if self.valid and "label_names" in self.bundle_config:
             names = class_names(self.bundle_config.get_parsed_content("label_names"),
                                 self.bundle_config.get_parsed_content("num_classes"))
             self.labels = {name: value for value, name in names.items() if value > 0}
