@@ -206,9 +206,12 @@ def test_resume_keeps_the_best_model_and_score(tmp_path, tiny_dataset):
     assert [f.read_bytes() for f in files] == kept
 
 
-def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, tiny_dataset):
-    """6 iterations, epochs of 3 over passes of 2 batches, random flips and rotations, dropout."""
-    settings = dict(max_iterations=6, epoch_length=3, val_interval=3, flip_prob=0.5, rotate_prob=0.5, dropout=0.3)
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, tiny_dataset, num_workers):
+    """6 iterations, epochs of 3 over passes of 2 batches, random flips and rotations, dropout, with and
+    without data-loader worker processes."""
+    settings = dict(max_iterations=6, epoch_length=3, val_interval=3, flip_prob=0.5, rotate_prob=0.5, dropout=0.3,
+                    num_workers=num_workers)
     run(workflow(tmp_path / "whole", tiny_dataset, **settings))
     run(workflow(tmp_path / "parts", tiny_dataset, **settings), stop_after_epoch=1)
     run(workflow(tmp_path / "parts", tiny_dataset, resume=True, **settings))
