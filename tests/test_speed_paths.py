@@ -219,3 +219,16 @@ def test_check_config_accepts_speed_keys():
     check_config(_parser(["train.yaml"], memory_format="channels_last", num_threads=1))
     assert "memory_format" in monai_dualssl.config.RESUMABLE_CHANGES
     assert "num_threads" in monai_dualssl.config.RESUMABLE_CHANGES
+
+
+def test_gradient_reaches_the_decoder_channels_last():
+    """A loss on the unlabeled samples' projected features (a slice) sends a channels_last gradient back into the
+    decoder, whatever layout the loss's own gradient has."""
+    _, net = _pair()
+    net.train()
+    grads = []
+    net.net_b.decoder.register_forward_hook(lambda m, i, out: out.register_hook(grads.append))
+    z, f = net.net_b.forward_features(torch.randn(3, 1, 32, 32, 32), 1)
+    assert f.shape[0] == 2
+    (z.square().mean() + f.flatten(2).contiguous().square().mean()).backward()
+    assert len(grads) == 1 and _is_cl(grads[0])

@@ -336,6 +336,10 @@ class _EncoderDecoderNet(nn.Module):
         ``start > 0`` returns the features of samples ``start:`` only (the projection is skipped for
         the others, e.g. the labeled part of a mixed batch)."""
         h = self._decode(x)
+        if self.channels_last and start > 0:
+            # the gradient of a slice is written into a default-layout tensor of zeros; sliced before the
+            # projection, it would reach the decoder in that layout and slow its backward several times
+            return self.out_conv(h), self.proj(h)[start:]
         return self.out_conv(h), self.proj(h[start:])
 
 
