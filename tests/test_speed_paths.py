@@ -227,7 +227,7 @@ def test_gradient_reaches_the_decoder_channels_last():
     _, net = _pair()
     net.train()
     grads = []
-    net.net_b.decoder.register_forward_hook(lambda m, i, out: out.register_hook(grads.append))
+    net.net_b.decoder.register_forward_hook(lambda m, i, out: [out.register_hook(grads.append)] and None)
     z, f = net.net_b.forward_features(torch.randn(3, 1, 32, 32, 32), 1)
     assert f.shape[0] == 2
     (z.square().mean() + f.flatten(2).contiguous().square().mean()).backward()
