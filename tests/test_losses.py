@@ -401,6 +401,42 @@ def test_cosine_by_hand():
     assert CosineConsistencyLoss(reduction="none")(za, zb).shape == (1, 1, 5)
 
 
+LOW_PRECISION_TERMS = {  # name: loss of (z_a, z_b, features, label)
+    "correction": lambda za, zb, f, y: MutualCorrectionLoss(threshold=0.5)(za, zb, y),
+    "supervised": lambda za, zb, f, y: SupervisedLoss(threshold=0.5)(za, y, zb),
+    "supervised terms": lambda za, zb, f, y: sum(SupervisedLoss().terms(za, y, None).values()),
+    "supervised, keywords": lambda za, zb, f, y: SupervisedLoss(threshold=0.5)(input=za, target=y, other=zb),
+    "cosine, keywords": lambda za, zb, f, y: CosineConsistencyLoss()(input=za, other=zb),
+    "cross consistency": lambda za, zb, f, y: CrossConsistencyLoss(temperature=2.0)(za, zb),
+    "entropy-filtered cps": lambda za, zb, f, y: EntropyFilteredCPSLoss()(za, zb),
+    "kept": lambda za, zb, f, y: CrossConsistencyLoss().kept(za).float().mean(),
+    "prototype": lambda za, zb, f, y: PrototypeContrastiveLoss(min_samples=8)(f, za, zb),
+    "cosine": lambda za, zb, f, y: CosineConsistencyLoss()(za, zb),
+}
+
+
+@pytest.mark.parametrize("mode", ["float16 inputs", "bfloat16 autocast"])
+@pytest.mark.parametrize("term", list(LOW_PRECISION_TERMS))
+def test_low_precision_computes_in_float32(term, mode):
+    """float16 logits, or float32 logits under CPU autocast, give the float32 value as float32 (small tensors;
+    test_amp.py checks the paper's patch size)."""
+    torch.manual_seed(0)
+    za, zb = (3 * torch.randn(2, 3, 6, 6, 4)).half().float(), (3 * torch.randn(2, 3, 6, 6, 4)).half().float()
+    feats = torch.randn(2, 4, 6, 6, 4).half().float()
+    y = torch.randint(0, 3, (2, 1, 6, 6, 4))
+    fn = LOW_PRECISION_TERMS[term]
+    torch.manual_seed(1)  # the prototype term samples voxels
+    reference = fn(za, zb, feats, y)
+    torch.manual_seed(1)
+    if mode == "float16 inputs":
+        value = fn(za.half(), zb.half(), feats.half(), y)
+    else:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            value = fn(za, zb, feats, y)
+    assert value.dtype == torch.float32 and reference.dtype == torch.float32
+    assert value.item() == pytest.approx(reference.item(), rel=1e-6, abs=1e-7)
+
+
 @pytest.mark.parametrize("scale", [1e4, -1e4])
 def test_extreme_logits_are_finite(scale):
     torch.manual_seed(0)
