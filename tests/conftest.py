@@ -97,6 +97,7 @@ def tiny_overrides(dataset: Path, bundle_root: Path, **extra) -> dict:
         "num_workers": 0,
         "device": "$torch.device('cpu')",
         "amp": False,
+        "num_threads": 1,  # as the autouse fixture: tiny convolutions are fastest on one thread, and runs compare bit for bit
     }
     overrides.update(extra)
     return overrides
