@@ -87,6 +87,8 @@ def test_lowest_fraction_by_hand(values, ratio, kept):
         # 3 classes: confident 1 vs confident 2 (yes), both 0 (no), both unsure 2 (no), both confident 1 (no)
         ([[0.1, 0.7, 0.2], [0.9, 0.05, 0.05], [0.3, 0.2, 0.5], [0.2, 0.65, 0.15]],
          [[0.1, 0.1, 0.8], [0.8, 0.1, 0.1], [0.25, 0.25, 0.5], [0.2, 0.6, 0.2]], [1, 0, 2, 1], [0]),
+        # 3 classes, no voxel labelled 2: confident 1 vs confident 2 (yes), confident 2 vs confident 0 (yes)
+        ([[0.1, 0.7, 0.2], [0.1, 0.15, 0.75]], [[0.1, 0.1, 0.8], [0.8, 0.1, 0.1]], [1, 0], [0, 1]),
     ],
 )
 def test_mutual_correction_by_hand(pa, pb, y, masked):
@@ -103,6 +105,28 @@ def test_mutual_correction_by_hand(pa, pb, y, masked):
     assert torch.nonzero(per_voxel[0, 0]).flatten().tolist() == masked
     loss.backward()
     assert za.grad.abs().sum() > 0 and zb.grad is None
+
+
+def test_per_voxel_maps_of_a_batch():
+    """``reduction="none"`` maps are ``[B, 1, *spatial]`` per sample (a batch of 2, each sample by hand)."""
+    za = torch.cat([logits_of(PA2), logits_of(PB2)])
+    zb = torch.cat([logits_of(PB2), logits_of(PA2)])
+    y = [[1, 0, 0, 1, 0], [0, 1, 1, 1, 0]]
+    target = torch.tensor(y).view(2, 1, 5)
+    hand = [correction_by_hand(PA2, PB2, y[0], 0.6), correction_by_hand(PB2, PA2, y[1], 0.6)]
+    mask = MutualCorrectionLoss().mask(za, zb)
+    assert mask.shape == (2, 1, 5) and [torch.nonzero(m[0]).flatten().tolist() for m in mask] == [h[0] for h in hand]
+    per_voxel = MutualCorrectionLoss(reduction="none")(za, zb, target)
+    assert per_voxel.shape == (2, 1, 5)
+    for b, (masked, sq) in enumerate(hand):
+        assert per_voxel[b, 0, masked].tolist() == pytest.approx(sq)
+    all_sq = hand[0][1] + hand[1][1]
+    assert MutualCorrectionLoss()(za, zb, target).item() == pytest.approx(sum(all_sq) / len(all_sq))
+    cos = CosineConsistencyLoss(reduction="none")(za, zb)
+    assert cos.shape == (2, 1, 5)
+    for b, (p_b, q_b) in enumerate([(PA2, PB2), (PB2, PA2)]):
+        expected = [1 - sum(a * c for a, c in zip(p, q)) / math.hypot(*p) / math.hypot(*q) for p, q in zip(p_b, q_b)]
+        assert cos[b, 0].tolist() == pytest.approx(expected)
 
 
 def correction_by_hand(pa, pb, y, threshold):
@@ -184,9 +208,12 @@ def test_supervised_by_hand():
     dice_bg = 1 - (2 * sum(PA2[v][0] * (1 - y[v]) for v in range(5)) + 1e-5) / (sum(p[0] for p in PA2) + 5 - sum(y) + 1e-5)
     with_bg = SupervisedLoss(include_background=True).terms(za, target)
     assert with_bg["dice"].item() == pytest.approx((dice + dice_bg) / 2, rel=1e-6)
-    summed = SupervisedLoss(reduction="sum", threshold=0.65).terms(za, target, zb)
-    masked, sq = correction_by_hand(PA2, PB2, y, 0.65)  # (0.6 would sit on voxel 1's probability)
-    assert masked and summed["ce"].item() == pytest.approx(5 * ce_) and summed["corr"].item() == pytest.approx(sum(sq))
+    summed = SupervisedLoss(reduction="sum", threshold=0.52).terms(za, target, zb)
+    masked, sq = correction_by_hand(PA2, PB2, y, 0.52)  # (0.6 would sit on voxel 1's probability)
+    assert masked == [1, 2, 3] and summed["ce"].item() == pytest.approx(5 * ce_)
+    assert summed["corr"].item() == pytest.approx(sum(sq))
+    # no correction term at alpha = 0 (it is not computed, not just weighted by 0)
+    assert SupervisedLoss(alpha=0.0, threshold=0.52).terms(za, target, zb)["corr"].item() == 0.0
 
 
 def cps_by_hand(student, teacher, keep_ratio, t, kl_weighting, rule="certain"):
@@ -296,6 +323,24 @@ def test_kl_weight_gradient_by_hand(detach):
         assert za.grad[0, :, v].tolist() == pytest.approx(expected, abs=1e-5), v
 
 
+def test_single_kept_voxel_carries_the_whole_scale():
+    """With one voxel kept its CE is scaled by N / |K| = N (teacher PB2: voxel 4 has the lowest entropy)."""
+    loss = EntropyFilteredCPSLoss(keep_ratio=1e-6)
+    one_way = loss.one_way(logits_of(PA2), logits_of(PB2))
+    assert one_way.shape == (1, 1, 5) and one_way[0, 0, :4].abs().sum().item() == 0.0
+    assert one_way[0, 0, 4].item() == pytest.approx(5 * ce(PA2[4], argmax(PB2[4])), rel=1e-6)
+
+
+def test_one_way_after_forward():
+    """The per-direction map stays usable after a call of the loss (the KL statistics are reset, not broken)."""
+    loss = CrossConsistencyLoss(keep_ratio=1.0)
+    za, zb = logits_of(PA2), logits_of(PB2)
+    both = loss(za, zb)
+    alone = cps_by_hand(PA2, PB2, 1.0, 1.0, True)[0]
+    assert loss.one_way(za, zb).mean().item() == pytest.approx(alone, rel=1e-6)
+    assert loss(za, zb).item() == pytest.approx(both.item()) and set(loss.stats) == {"kl_w_mean", "kl_w_std", "kl_mean"}
+
+
 def test_entropy_filter_off_keeps_every_voxel():
     torch.manual_seed(0)
     za, zb = torch.randn(2, 3, 4, 4, 4), torch.randn(2, 3, 4, 4, 4)
@@ -343,8 +388,17 @@ def prototype_by_hand(feats, pseudo, reliable, tau):
     return sum(losses) / len(losses)
 
 
-@pytest.mark.parametrize("pa, pb, keep_ratio", [(PA2, PB2, 0.6), (PA3, PB3, 1.0)])
-def test_prototype_by_hand(pa, pb, keep_ratio):
+# 3 classes: voxels 0 and 1 reliable (classes 0, 1), 2-4 uncertain (the networks disagree); voxel 2's
+# pseudo-label is class 2, which has no reliable voxel, hence no prototype: it is skipped
+NO_PROTO_A = [[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [0.5, 0.4, 0.1], [0.6, 0.3, 0.1]]
+NO_PROTO_B = [[0.85, 0.1, 0.05], [0.1, 0.85, 0.05], [0.5, 0.25, 0.25], [0.3, 0.6, 0.1], [0.4, 0.5, 0.1]]
+
+
+@pytest.mark.parametrize("layout", ["[1, C, 5]", "[1, C, 1, 5]"])
+@pytest.mark.parametrize(
+    "pa, pb, keep_ratio", [(PA2, PB2, 0.6), (PA3, PB3, 1.0), (NO_PROTO_A, NO_PROTO_B, 1.0)]
+)
+def test_prototype_by_hand(pa, pb, keep_ratio, layout):
     feats = [[1.0, 0.5], [-0.3, 1.0], [0.2, -0.8], [0.7, 0.7], [-1.0, 0.1]]
     mean = [[(a + b) / 2 for a, b in zip(p, q)] for p, q in zip(pa, pb)]
     pseudo = [argmax(p) for p in mean]
@@ -352,13 +406,26 @@ def test_prototype_by_hand(pa, pb, keep_ratio):
     kth = sorted(h)[math.ceil(keep_ratio * 5) - 1]
     reliable = [v for v in range(5) if h[v] <= kth and argmax(pa[v]) == pseudo[v] == argmax(pb[v])]
     expected = prototype_by_hand(feats, pseudo, reliable, 0.1)
-    f = torch.tensor(feats, dtype=torch.float64).t().unsqueeze(0).requires_grad_()
+    if pa is NO_PROTO_A:
+        assert reliable == [0, 1] and pseudo[2] == 2
+    shape = (1, -1, 5) if layout == "[1, C, 5]" else (1, -1, 1, 5)
+    f = torch.tensor(feats, dtype=torch.float64).t().reshape(shape).requires_grad_()
     loss = PrototypeContrastiveLoss(keep_ratio=keep_ratio, sample_ratio=1.0, min_samples=1)  # tau 0.1 by default
-    value = loss(f, logits_of(pa), logits_of(pb))
+    value = loss(f, logits_of(pa).reshape(shape), logits_of(pb).reshape(shape))
     assert value.item() == pytest.approx(expected, rel=1e-5)
     value.backward()
-    reliable_grad = f.grad[0, :, reliable].abs().sum()
+    reliable_grad = f.grad.reshape(1, -1, 5)[0, :, reliable].abs().sum()
     assert f.grad.abs().sum() > 0 and reliable_grad == 0  # prototypes are detached
+
+
+def test_prototype_keeps_tensors_on_the_input_device():
+    """Meta tensors stand in for a GPU: any tensor created on the CPU inside the loss fails against them."""
+    loss = PrototypeContrastiveLoss(min_samples=4)
+    forward = getattr(PrototypeContrastiveLoss.forward, "__wrapped__", PrototypeContrastiveLoss.forward)  # no autocast
+    feats, logits = torch.empty(2, 4, 8, 8, 8, device="meta"), torch.empty(2, 2, 8, 8, 8, device="meta")
+    for reduction in ("mean", "none"):
+        loss.reduction = reduction
+        assert forward(loss, feats, logits, logits).device.type == "meta"
 
 
 def test_prototype_sampling_count():
@@ -498,6 +565,51 @@ def test_single_class_batch_and_no_uncertain_voxel():
 def test_bad_input_raises(call, expected):
     with pytest.raises(ValueError, match=expected):
         call()
+
+
+def zeros(*shape):
+    return torch.zeros(*shape)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: MutualCorrectionLoss()(zeros(1, 1, 4), zeros(1, 1, 4), zeros(1, 1, 4)),
+         "MutualCorrectionLoss: expected logits of shape [B, C, *spatial] with C >= 2, found shape (1, 1, 4)."),
+        (lambda: MutualCorrectionLoss()(zeros(1, 2, 4), zeros(1, 2, 3), zeros(1, 1, 4)),
+         "MutualCorrectionLoss: expected other of shape (1, 2, 4) (same as input), found (1, 2, 3)."),
+        (lambda: MutualCorrectionLoss()(zeros(1, 2, 4), zeros(1, 2, 4), zeros(1, 4)),
+         "MutualCorrectionLoss: expected target of shape (1, 1, 4) (class indices, channel first), found (1, 4)."),
+        (lambda: SupervisedLoss()(zeros(2, 1, 4), zeros(2, 1, 4)),
+         "SupervisedLoss: expected logits of shape [B, C, *spatial] with C >= 2, found shape (2, 1, 4)."),
+        (lambda: SupervisedLoss()(zeros(2, 2, 4, 4), zeros(2, 4, 4)),
+         "SupervisedLoss: expected target of shape (2, 1, 4, 4) (class indices, channel first), found (2, 4, 4)."),
+        (lambda: CrossConsistencyLoss()(zeros(1, 1, 4), zeros(1, 1, 4)),
+         "CrossConsistencyLoss: expected logits of shape [B, C, *spatial] with C >= 2, found shape (1, 1, 4)."),
+        (lambda: CrossConsistencyLoss()(zeros(1, 2, 4, 4), zeros(1, 2, 4, 5)),
+         "CrossConsistencyLoss: expected other of shape (1, 2, 4, 4) (same as input), found (1, 2, 4, 5)."),
+        (lambda: EntropyFilteredCPSLoss()(zeros(1, 1, 4), zeros(1, 1, 4)),
+         "EntropyFilteredCPSLoss: expected logits of shape [B, C, *spatial] with C >= 2, found shape (1, 1, 4)."),
+        (lambda: EntropyFilteredCPSLoss()(zeros(1, 2, 4, 4), zeros(1, 2, 4, 5)),
+         "EntropyFilteredCPSLoss: expected other of shape (1, 2, 4, 4) (same as input), found (1, 2, 4, 5)."),
+        (lambda: PrototypeContrastiveLoss()(zeros(1, 4, 4), zeros(1, 1, 4)),
+         "PrototypeContrastiveLoss: expected logits of shape [B, C, *spatial] with C >= 2, found shape (1, 1, 4)."),
+        (lambda: PrototypeContrastiveLoss()(zeros(1, 4, 4), zeros(1, 2, 4), zeros(1, 3, 4)),
+         "PrototypeContrastiveLoss: expected logits_other of shape (1, 2, 4) (same as input), found (1, 3, 4)."),
+        (lambda: PrototypeContrastiveLoss()(zeros(2, 4, 4, 4), zeros(1, 2, 4, 4)),
+         "PrototypeContrastiveLoss: expected features of shape [1, F, 4, 4], found (2, 4, 4, 4)."),
+        (lambda: PrototypeContrastiveLoss()(zeros(1, 4, 4, 4), zeros(1, 2, 4, 4, 1)),
+         "PrototypeContrastiveLoss: expected features of shape [1, F, 4, 4, 1], found (1, 4, 4, 4)."),
+        (lambda: CosineConsistencyLoss()(zeros(1, 1, 4), zeros(1, 1, 4)),
+         "CosineConsistencyLoss: expected logits of shape [B, C, *spatial] with C >= 2, found shape (1, 1, 4)."),
+        (lambda: CosineConsistencyLoss()(zeros(1, 2, 4), zeros(1, 3, 4)),
+         "CosineConsistencyLoss: expected other of shape (1, 2, 4) (same as input), found (1, 3, 4)."),
+    ],
+)
+def test_shape_errors_name_the_loss_and_the_input(call, message):
+    with pytest.raises(ValueError) as error:
+        call()
+    assert str(error.value) == message
 
 
 def test_boundary_arguments_are_accepted():
