@@ -219,12 +219,18 @@ def run(module: str, retest: bool, max_children: int) -> None:
 
 
 def diff(module: str, key: str) -> str:
-    """The diff of mutant ``key`` as ``mutmut show`` prints it."""
-    out = subprocess.run(
-        [str(Path(sys.executable).with_name("mutmut")), "show", key],
-        cwd=stage_dir(module), capture_output=True, text=True,
-    )
-    lines = out.stdout.splitlines()
+    """The changed lines of mutant ``key`` (as ``mutmut show`` prints them)."""
+    from mutmut.configuration import reset_config
+    from mutmut.mutation.diff_apply import get_diff_for_mutant
+
+    cwd = os.getcwd()
+    os.chdir(stage_dir(module))  # mutmut reads its setup.cfg and mutants/ from the working directory
+    try:
+        reset_config()
+        text = get_diff_for_mutant(key, path=f"{PACKAGE}/{MODULES[module]['file']}")
+    finally:
+        os.chdir(cwd)
+    lines = text.splitlines()
     return "\n".join(line for line in lines if line.startswith(("+", "-")) and not line.startswith(("+++", "---")))
 
 
