@@ -27,10 +27,8 @@ from monailabel.datastore.local import LocalDatastore  # noqa: E402
 from monailabel.interfaces.utils.app import app_instance  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
-from conftest import CONFIGS  # noqa: E402
+from conftest import CONFIGS, TINY_NET, blob_image  # noqa: E402
 from monai_dualssl.labelapp import SCORE_KEY, DualSSLInferTask, DualSSLTrainTask, create_app  # noqa: E402
-
-TINY_NET = {"n_filters": 4, "resnet_blocks": [1, 1, 1, 1], "vnet_stages": [1, 1, 1, 1, 1], "proj_dim": 8}
 
 
 def make_bundle(root, **infer_values):
@@ -56,13 +54,10 @@ def bundle(tmp_path):
 
 def volume(path, shape=(40, 36, 20), seed=0):
     """A NIfTI image with a bright ball, anisotropic voxels and an oblique-free but shifted affine."""
-    rng = np.random.default_rng(seed)
-    grid = np.indices(shape).astype(np.float32)
-    ball = sum((g - s / 2) ** 2 / (s / 4) ** 2 for g, s in zip(grid, shape)) < 1
-    image = ball * 2.0 + rng.normal(0, 0.3, shape).astype(np.float32)
+    image, ball = blob_image(shape, seed)
     affine = np.diag([0.9, 1.1, 2.0, 1.0])
     affine[:3, 3] = [-20.0, 15.0, 4.0]
-    nib.save(nib.Nifti1Image(image.astype(np.float32), affine), path)
+    nib.save(nib.Nifti1Image(image, affine), path)
     return ball.astype(np.uint8), affine
 
 
