@@ -359,6 +359,18 @@ BROKEN = {
         overwrite("label", np.array([0, -1, 1, 1] * 96, np.int16).reshape(8, 8, 6)),
         "case 'a.nii.gz' (key 'label'): label values [-1, 0, 1] outside the declared classes 0..1 (num_classes=2)",
     ),
+    "2-D image": (
+        overwrite("image", np.zeros((8, 8), np.float32)),
+        "case 'a.nii.gz' (key 'image'): expected a 3-D volume, found spatial shape (8, 8)",
+    ),
+    "many label values": (  # the first 20 are listed
+        overwrite("label", (np.arange(384) % 25).astype(np.uint8).reshape(8, 8, 6)),
+        f"case 'a.nii.gz' (key 'label'): label values {list(range(20))} outside the declared classes 0..1 (num_classes=2)",
+    ),
+    "many fractional values": (  # the first 10 are listed
+        overwrite("label", (np.arange(384) % 12 + 0.5).astype(np.float32).reshape(8, 8, 6)),
+        f"case 'a.nii.gz' (key 'label'): label values {[i + 0.5 for i in range(10)]} are not integers",
+    ),
     "fractional label": (
         overwrite("label", np.full((8, 8, 6), 0.5, np.float32)),
         "case 'a.nii.gz' (key 'label'): label values [0.5] are not integers",
@@ -398,6 +410,87 @@ def test_preflight_collects_all_problems(tmp_path):
     assert "case 'imagesTr/b.nii.gz' (key 'image'): spatial shape (10, 9, 7)" not in text
     assert "case 'imagesTr/u.nii.gz' (key 'image'): spatial shape (8, 8, 6) smaller than patch_size (9, 8, 6)" in text
     assert "case 'gone0.nii.gz' (key 'image'): file not found" in text
+
+
+def test_preflight_reports_every_broken_file_of_a_case(tmp_path):
+    """Both files of a case are checked even when the first is broken, for each kind of break."""
+    datalist = good_datalist(tmp_path)
+    a, b, v = datalist["labeled"][0], datalist["labeled"][1], datalist["validation"][0]
+    a.update(image=str(tmp_path / "gone_image.nii.gz"), label=str(tmp_path / "gone_label.nii.gz"))
+    for key in ("image", "label"):
+        Path(b[key]).write_bytes(b"not a nifti")
+        write_nifti(Path(v[key]), np.zeros((8, 6), np.float32))
+    with pytest.raises(DataError) as error:
+        preflight(datalist, num_classes=2, patch_size=(8, 8, 6))
+    lines = str(error.value).splitlines()
+    assert lines[0] == "6 dataset problem(s) found before training:"
+    for key in ("image", "label"):  # a case is named by its image file
+        assert f"  case 'gone_image.nii.gz' (key '{key}'): file not found: {a[key]}" in lines
+        assert any(line.startswith(f"  case 'imagesTr/b.nii.gz' (key '{key}'): cannot be read: ") for line in lines)
+        assert f"  case 'imagesTr/v.nii.gz' (key '{key}'): expected a 3-D volume, found spatial shape (8, 6)" in lines
+
+
+@pytest.mark.parametrize(
+    "error, expected",
+    [
+        (ValueError("bad channel\nsecond line"), "ValueError: bad channel"),
+        (RuntimeError("wrapped"), "RuntimeError: wrapped"),
+        (KeyError(), "KeyError: "),
+    ],
+)
+def test_preflight_names_the_root_cause_of_a_transform_failure(tmp_path, error, expected):
+    def transform(data):
+        try:
+            raise error
+        except Exception as e:  # as MONAI wraps a transform's error
+            raise RuntimeError("applying transform <lambda>") from e
+
+    with pytest.raises(DataError) as info:
+        preflight(good_datalist(tmp_path), num_classes=2, patch_size=(8, 8, 6), transform=transform)
+    lines = str(info.value).splitlines()
+    assert lines[0] == "4 dataset problem(s) found before training:"  # every case with an image
+    assert f"  case 'a.nii.gz' (key 'image'): dataset_transform failed: {expected}" in lines
+
+
+def test_preflight_readers(tmp_path):
+    """A ``{key: reader}`` mapping (instances or names) reads each key its way, and a reader that does not take a
+    file's suffix (inference's ``H5Reader``) leaves that file to MONAI's readers."""
+    root = tmp_path / "h5"
+    items = []
+    for i in range(3):
+        path = root / f"c{i}.h5"
+        write_h5(path, seed=i, img=np.ones((12, 10, 8), np.float32), seg=np.ones((12, 10, 8), np.uint8), label=None)
+        items.append({"image": str(path), "label": str(path)})
+    datalist = {"labeled": items[:1], "unlabeled": [{"image": items[1]["image"]}], "validation": items[2:]}
+    renamed = {"image": H5Reader(dataset="img"), "label": H5Reader(dataset="seg")}
+    assert preflight(datalist, num_classes=2, patch_size=(8, 8, 8), reader=renamed)["label_values"] == [1]
+    by_name = {"image": "monai_dualssl.data.H5Reader", "label": H5Reader(dataset="seg")}  # a name reads "image"
+    assert preflight(datalist, num_classes=2, patch_size=(8, 8, 8), reader=by_name)["label_values"] == [1]
+    with pytest.raises(DataError, match="no h5 dataset 'label'"):
+        preflight(datalist, num_classes=2, patch_size=(8, 8, 8))  # the default reads dataset 'label'
+    nifti = good_datalist(tmp_path / "nifti")
+    assert preflight(nifti, num_classes=2, patch_size=(8, 8, 8), reader=H5Reader())["labeled"] == 2
+
+
+def test_preflight_label_values_come_from_the_labels_only(tmp_path):
+    """Cases without a label (unlabeled) add no value to ``label_values``."""
+    datalist = good_datalist(tmp_path)
+    for item in datalist["labeled"] + datalist["validation"]:
+        write_nifti(Path(item["label"]), np.full(nib.load(item["image"]).shape, 1, np.uint8))
+    assert preflight(datalist, num_classes=2, patch_size=(8, 8, 8))["label_values"] == [1]
+
+
+@pytest.mark.parametrize("n, hint", [(3, 1), (10, 2)])
+def test_unlabeled_items_message(n, hint):
+    expected = (
+        f"no unlabeled case: all {n} cases with a label are labeled, and semi-supervised training needs unlabeled "
+        f"ones. Set num_labeled below {n} (e.g. --num_labeled {hint}) to train the rest as unlabeled, list "
+        "'unlabeled' items in dataset.json, or merge supervised.yaml to train on the labeled cases only."
+    )
+    for datalist in ({"labeled": [{}] * n, "unlabeled": []}, {"labeled": [{}] * n}):  # empty or missing split
+        with pytest.raises(DataError) as error:
+            unlabeled_items(datalist)
+        assert str(error.value) == expected
 
 
 # ---------------------------------------------------------------------------------------------- reliability
