@@ -2,6 +2,7 @@
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import h5py
@@ -371,6 +372,10 @@ BROKEN = {
         overwrite("label", (np.arange(384) % 12 + 0.5).astype(np.float32).reshape(8, 8, 6)),
         f"case 'a.nii.gz' (key 'label'): label values {[i + 0.5 for i in range(10)]} are not integers",
     ),
+    "two-channel label": (
+        overwrite("label", np.zeros((8, 8, 6, 2), np.uint8)),
+        "case 'a.nii.gz' (key 'label'): 2 channels (shape (2, 8, 8, 6)); a label holds class indices in one channel",
+    ),
     "fractional label": (
         overwrite("label", np.full((8, 8, 6), 0.5, np.float32)),
         "case 'a.nii.gz' (key 'label'): label values [0.5] are not integers",
@@ -470,6 +475,52 @@ def test_preflight_readers(tmp_path):
         preflight(datalist, num_classes=2, patch_size=(8, 8, 8))  # the default reads dataset 'label'
     nifti = good_datalist(tmp_path / "nifti")
     assert preflight(nifti, num_classes=2, patch_size=(8, 8, 8), reader=H5Reader())["labeled"] == 2
+
+
+def test_preflight_problem_list_and_its_limit(tmp_path):
+    """The error lists one problem a line, at most 20, then how many more."""
+    datalist = good_datalist(tmp_path)
+    datalist["labeled"].append({"label": "x.nii.gz", "other": 1})  # no image: named by its index and keys
+    datalist["validation"].append({"image": datalist["labeled"][1]["image"], "label": datalist["labeled"][1]["label"]})
+    with pytest.raises(DataError) as error:
+        preflight(datalist, num_classes=2, patch_size=(8, 8, 6))
+    assert str(error.value) == (
+        "2 dataset problem(s) found before training:\n"
+        "  item 2 of 'labeled' has no key 'image' (keys found: ['label', 'other'])\n"
+        "  case 'b.nii.gz' is in more than one split (labeled, validation)"
+    )
+    for n, tail in ((20, "not found: gone19.nii.gz"), (21, "... and 1 more")):
+        datalist = good_datalist(tmp_path / str(n))
+        datalist["unlabeled"] = [{"image": f"gone{i}.nii.gz"} for i in range(n)]
+        with pytest.raises(DataError) as error:
+            preflight(datalist, num_classes=2, patch_size=(8, 8, 6))
+        lines = str(error.value).splitlines()
+        assert lines[0] == f"{n} dataset problem(s) found before training:" and len(lines) == 21 + (n > 20)
+        assert lines[-1].endswith(tail)
+
+
+def test_preflight_custom_keys_and_missing_splits(tmp_path):
+    """Other item keys than image/label are honoured (the split-overlap check too); a datalist may omit splits."""
+    good = good_datalist(tmp_path)
+    renamed = {split: [{"img" if k == "image" else "seg": v for k, v in item.items()} for item in items]
+               for split, items in good.items()}
+    summary = preflight(renamed, num_classes=2, patch_size=(8, 8, 6), image_key="img", label_key="seg")
+    assert summary["labeled"] == 2 and summary["label_values"] == [0, 1]
+    assert summary["smaller_than_patch"] == 0  # a volume exactly the patch size needs no padding
+    renamed["validation"].append(dict(renamed["labeled"][0]))
+    with pytest.raises(DataError) as error:
+        preflight(renamed, num_classes=2, patch_size=(8, 8, 6), image_key="img", label_key="seg")
+    assert "case 'a.nii.gz' is in more than one split (labeled, validation)" in str(error.value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a datalist with validation cases gets no warning
+        summary = preflight({"labeled": good["labeled"], "validation": good["validation"]}, 2, (8, 8, 6))
+    assert (summary["labeled"], summary["unlabeled"], summary["validation"]) == (2, 0, 1)
+    with pytest.warns(UserWarning) as record:
+        preflight({"labeled": good["labeled"]}, 2, (8, 8, 6))
+    assert [str(w.message) for w in record] == [
+        "preflight: no validation case: training will validate nothing and so write no model.pt (only its "
+        "checkpoints); set num_val (e.g. --num_val 4) or list 'validation' items in dataset.json."
+    ]
 
 
 def test_preflight_label_values_come_from_the_labels_only(tmp_path):
@@ -582,7 +633,16 @@ def test_preflight_every_label_empty(tmp_path, split):
     with pytest.raises(DataError, match=r"^1 dataset problem\(s\)") as error:
         preflight(datalist, num_classes=2, patch_size=(16, 16, 16))
     n = len(datalist[split])
-    assert f"every {split} label (key 'label', {n} cases) is empty (background only)" in str(error.value)
+    reason = {
+        "labeled": "the networks would learn background only",
+        "validation": "the validation Dice is undefined, so the best model would stay the one of the first validation",
+    }[split]
+    expected = (f"every {split} label (key 'label', {n} cases) is empty (background only{{}}): {reason}; check the "
+                "label files and the label mapping")
+    assert str(error.value).splitlines()[1] == "  " + expected.format("")
+    with pytest.raises(DataError) as error:  # with a dataset_transform, the message says the labels were transformed
+        preflight(datalist, num_classes=2, patch_size=(16, 16, 16), transform=lambda data: data)
+    assert str(error.value).splitlines()[1] == "  " + expected.format(" after dataset_transform")
 
 
 def test_no_unlabeled_or_validation_cases_are_reported(tmp_path):
