@@ -7,16 +7,26 @@ each (and the difference in Dice points), the same timing on the largest volume 
 the peak resident memory of the process. Without a checkpoint the networks keep random weights: the
 timings hold, the Dice values mean nothing.
 
+Speed variants (``--variants``), run alternating in this process, ``--repeats`` times each (min and median
+printed): ``default`` (float32, ``memory_format: contiguous``, today's main), ``channels_last`` (what the
+configs' ``memory_format: auto`` picks on CPU) and ``compile`` (channels_last and ``torch.compile`` of both
+networks; its first run, which compiles, is timed apart). Every variant predicts the same cases; the Dice
+of each is printed, so a variant that changed the segmentation would show.
+
     python benchmarks/bench_inference.py --dataset_dir /data/la2018 [--ckpt bundle/models/model.pt] \
-        [--config bundle/configs/train.yaml bundle/configs/la.yaml bundle/configs/la_cpu.yaml] [--num_cases 4]
+        [--config bundle/configs/train.yaml bundle/configs/la.yaml bundle/configs/la_cpu.yaml] [--num_cases 4] \
+        [--variants default channels_last compile] [--repeats 2] [--protocols field fast] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import resource
+import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import h5py
@@ -25,10 +35,12 @@ from monai.bundle import ConfigParser
 from monai.data import DataLoader, Dataset
 
 from monai_dualssl.evaluation import evaluate, load_weights, protocol_inferer
+from monai_dualssl.networks import set_num_threads
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
 DEFAULT_CONFIGS = [str(CONFIGS / name) for name in ("train.yaml", "la.yaml", "la_cpu.yaml")]
+VARIANTS = {"default": ("contiguous", False), "channels_last": ("channels_last", False), "compile": ("channels_last", True)}
 
 
 def parse_config(files: list[str], dataset_dir: str) -> ConfigParser:
@@ -73,16 +85,44 @@ def dice(summary: dict, post: str = "none") -> float:
     return summary["metrics"]["ensemble"][post]["1"]["dice"]["mean"]
 
 
-def report(title: str, field: dict, fast: dict) -> None:
-    t_field, t_fast = field["seconds_per_volume"]["ensemble"], fast["seconds_per_volume"]["ensemble"]
+def make_variant(network, name: str):
+    """A copy of ``network`` in the variant's memory format, compiled in place for ``compile``."""
+    fmt, compiled = VARIANTS[name]
+    net = copy.deepcopy(network).set_memory_format(fmt).eval()
+    if compiled:
+        net.net_a.compile()
+        net.net_b.compile()
+    return net
+
+
+def compare(title: str, networks: dict, batches, parser: ConfigParser, protocols: list[str], repeats: int,
+            out: Path) -> None:
+    """Every protocol with every variant, alternating, ``repeats`` timed runs each (after a warm-up run of the
+    compiled variant); prints seconds per volume (min, median), the speed-up over the first variant and Dice."""
     print(f"\n{title}")
-    print(f"  field: {t_field:7.2f} s/volume  (scan interval {field['inferer']['scan_interval']}, constant blending)")
-    print(f"  fast:  {t_fast:7.2f} s/volume  (scan interval {fast['inferer']['scan_interval']}, gaussian blending)")
-    print(f"  speed ratio field/fast: {t_field / t_fast:.2f}x")
-    for post in ("none", "lcc"):
-        d_field, d_fast = dice(field, post), dice(fast, post)
-        print(f"  mean Dice ({post:4s}): field {100 * d_field:6.2f}  fast {100 * d_fast:6.2f}  "
-              f"fast - field {100 * (d_fast - d_field):+.2f} points")
+    medians: dict = {}
+    for protocol in protocols:
+        results: dict = {name: [] for name in networks}
+        for name, net in networks.items():
+            if VARIANTS[name][1]:  # compile: the first run compiles
+                start = time.perf_counter()
+                run(net, batches, parser, protocol, out)
+                print(f"  {protocol} / {name}: first run (compiling) {time.perf_counter() - start:.0f} s")
+        for _ in range(repeats):
+            for name, net in networks.items():
+                results[name].append(run(net, batches, parser, protocol, out))
+        base = None
+        for name, summaries in results.items():
+            secs = [s["seconds_per_volume"]["ensemble"] for s in summaries]
+            base = base or statistics.median(secs)
+            medians[protocol, name] = (statistics.median(secs), dice(summaries[0]), dice(summaries[0], "lcc"))
+            print(f"  {protocol:5s} {name:14s} {min(secs):7.2f} s/volume min, {statistics.median(secs):7.2f} median "
+                  f"({base / statistics.median(secs):.2f}x), scan interval {summaries[0]['inferer']['scan_interval']}; "
+                  f"Dice {100 * dice(summaries[0]):6.2f} (LCC {100 * dice(summaries[0], 'lcc'):6.2f})")
+    for name in networks if {"field", "fast"} <= set(protocols) else []:
+        (t_field, d_field, l_field), (t_fast, d_fast, l_fast) = medians["field", name], medians["fast", name]
+        print(f"  {name}: speed ratio field/fast {t_field / t_fast:.2f}x; Dice fast - field "
+              f"{100 * (d_fast - d_field):+.2f} points ({100 * (l_fast - l_field):+.2f} with LCC)")
     print(f"  peak RSS so far: {peak_rss_mib():.0f} MiB")
 
 
@@ -93,11 +133,17 @@ def main() -> None:
     parser.add_argument("--ckpt", default=None, help="model.pt (plain state_dict of network_def)")
     parser.add_argument("--num_cases", type=int, default=4, help="validation cases (of the last 16 ids); 0 skips them")
     parser.add_argument("--skip_largest", action="store_true", help="do not time the largest volume")
+    parser.add_argument("--case", default=None, help="time this case (an id of train.list) instead of the largest")
+    parser.add_argument("--variants", nargs="+", default=["default", "channels_last"], choices=list(VARIANTS))
+    parser.add_argument("--protocols", nargs="+", default=["field", "fast"], choices=["field", "fast"])
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per variant and protocol, alternating")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: as the bundle, all cores)")
     args = parser.parse_args()
     if not args.dataset_dir or not (Path(args.dataset_dir) / "train.list").is_file():
         parser.error(f"--dataset_dir must be an LA folder with train.list (found {args.dataset_dir!r}; "
                      "or set LA2018_DIR).")
 
+    threads = set_num_threads(args.threads)
     config = parse_config(args.config, args.dataset_dir)
     torch.manual_seed(0)
     network = config.get_parsed_content("network_def").eval()
@@ -106,27 +152,33 @@ def main() -> None:
         print(f"weights: {args.ckpt}")
     else:
         print(f"no checkpoint ({args.ckpt or 'none given'}): random weights, for timing only; Dice is meaningless.")
+    networks = {name: make_variant(network, name) for name in args.variants}
     datalist = config.get_parsed_content("datalist")
     preprocessing = config.get_parsed_content("preprocessing")
     load = lambda items: list(DataLoader(Dataset(items, preprocessing), batch_size=1))  # noqa: E731
     print(f"configs: {[Path(c).name for c in args.config]}, patch {config.get_parsed_content('patch_size')}, "
           f"pixdim {config.get_parsed_content('pixdim')}, field strides {config.get_parsed_content('sw_strides')}, "
-          f"{torch.get_num_threads()} threads")
+          f"fast: overlap {config.get_parsed_content('sw_overlap')}, {config.get_parsed_content('sw_batch_size')} "
+          f"windows a pass; {threads} threads; variants {args.variants}, {args.repeats} timed run(s) each, alternating")
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.num_cases > 0:
             batches = load(datalist["validation"][: args.num_cases])
             shapes = [tuple(b["image"].shape[2:]) for b in batches]
             print(f"{len(batches)} validation cases, preprocessed shapes {shapes}")
-            field, fast = (run(network, batches, config, p, Path(tmp)) for p in ("field", "fast"))
-            report(f"validation cases ({len(batches)})", field, fast)
+            compare(f"validation cases ({len(batches)})", networks, batches, config, args.protocols, args.repeats,
+                    Path(tmp))
         if not args.skip_largest:
             items = [i for split in ("labeled", "unlabeled", "validation") for i in datalist[split]]
-            big = load([largest_case(items)])
-            print(f"\nlargest volume: {big[0]['image'].meta['filename_or_obj'][0]}, "
+            chosen = [i for i in items if args.case and Path(i["image"]).parent.name == args.case]
+            if args.case and not chosen:
+                parser.error(f"--case {args.case}: no such case in {args.dataset_dir}")
+            big = load([{"image": chosen[0]["image"], "label": chosen[0].get("label", chosen[0]["image"])}]
+                       if chosen else [largest_case(items)])
+            print(f"\n{'case' if chosen else 'largest volume'}: {big[0]['image'].meta['filename_or_obj'][0]}, "
                   f"preprocessed shape {tuple(big[0]['image'].shape[2:])}")
-            field, fast = (run(network, big, config, p, Path(tmp)) for p in ("field", "fast"))
-            report("largest volume (timing; it may be a training case)", field, fast)
+            compare(f"{'case ' + args.case if chosen else 'largest volume'} (timing; it may be a training case)",
+                    networks, big, config, args.protocols, args.repeats, Path(tmp))
     print(f"\npeak RSS: {peak_rss_mib():.0f} MiB")
 
 
