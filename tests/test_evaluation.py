@@ -4,6 +4,7 @@ import csv
 import itertools
 import json
 import math
+import pickle
 
 import nibabel as nib
 import numpy as np
@@ -178,10 +179,55 @@ def test_field_inferer_window_starts(size, roi, strides):
 
 def test_field_overlap_rejects_bad_strides():
     assert field_overlap((32, 16), (32, 16)) == (0.0, 0.0)
+    assert field_overlap((16, 16), (1, 16)) == (1.0 - 1.5 / 16, 0.0)  # a stride of one voxel is valid
     with pytest.raises(ValueError, match="stride"):
         field_overlap((32, 32, 16), (40, 8, 8))
+    with pytest.raises(ValueError, match="stride"):
+        field_overlap((32, 32, 16), (0, 8, 8))
+    with pytest.raises(ValueError) as error:
+        field_overlap((32, 32, 16), (8, 8))
+    assert str(error.value) == "roi_size (32, 32, 16) and strides (8, 8) must have the same length."
     with pytest.raises(ValueError, match="protocol"):
         protocol_inferer("medium", (32, 32, 16))
+    with pytest.raises(ValueError) as error:
+        protocol_inferer("field", (32, 32, 16))
+    assert str(error.value) == "the field protocol needs strides (sw_strides)."
+
+
+def windows_and_calls(inferer, size):
+    """``(windows, forward calls)`` of ``inferer`` over a one-channel volume of ``size``."""
+    calls = []
+
+    def net(x, *coords):
+        calls.append(x.shape[0])
+        return torch.zeros(x.shape[0], 2, *x.shape[2:])
+
+    inferer(torch.zeros(1, 1, *size), net)
+    return sum(calls), len(calls)
+
+
+@pytest.mark.parametrize(
+    "make, windows, calls",
+    [
+        (lambda: fast_inferer((16, 16, 16)), 64, 16),  # 50 % overlap: windows every 8 voxels, 4 a pass
+        (lambda: fast_inferer((16, 16, 16), overlap=0.25, sw_batch_size=2), 27, 14),  # every 12 voxels
+        (lambda: protocol_inferer("fast", (16, 16, 16)), 64, 16),
+        (lambda: protocol_inferer("fast", (16, 16, 16), overlap=0.25, sw_batch_size=5), 27, 6),
+        (lambda: field_inferer((16, 16, 16), (12, 12, 12)), 27, 27),  # one window a pass, as the field
+        (lambda: field_inferer((16, 16, 16), (12, 12, 12), sw_batch_size=3), 27, 9),
+        (lambda: protocol_inferer("field", (16, 16, 16), strides=(8, 12, 16), sw_batch_size=8), 4 * 3 * 3, 36),
+    ],
+)
+def test_inferer_settings_by_counting_windows(make, windows, calls):
+    """On a 40^3 volume with 16^3 windows: the overlap sets the windows, the batch size the forward passes."""
+    assert windows_and_calls(make(), (40, 40, 40)) == (windows, calls)
+
+
+def test_inferers_pass_extra_arguments_on():
+    for inferer in (fast_inferer((16, 16, 16), with_coord=True), field_inferer((16, 16, 16), (8, 8, 8), with_coord=True)):
+        seen = []
+        inferer(torch.zeros(1, 1, 20, 20, 20), lambda x, coords: seen.append(coords) or torch.zeros_like(x))
+        assert seen
 
 
 class ConstantSoftmax(nn.Module):
@@ -210,6 +256,55 @@ def test_field_inferer_pads_symmetrically_and_crops_back():
     # the field pads (patch - size) // 2 before and the rest after: x by 11 -> 5 + 6, z by 6 -> 3 + 3
     assert torch.equal(first[5:26, :, 3:13], x[0, 0, :, :32])
     assert first[:5].abs().sum() == 0 and first[26:].abs().sum() == 0 and first[..., :3].abs().sum() == 0
+
+
+@pytest.mark.parametrize(
+    "meta, expected",
+    [
+        ({"filename_or_obj": "/data/case_a/image.nii.gz"}, "case_a/image.nii.gz"),
+        ({"filename_or_obj": ["/data/case_b/label.nii.gz", "/data/other/x.nii.gz"]}, "case_b/label.nii.gz"),
+        ({"filename_or_obj": []}, "case_007"),
+        ({"filename_or_obj": ""}, "case_007"),
+        ({"filename_or_obj": 5}, "case_007"),
+        ({}, "case_007"),
+        (None, "case_007"),  # a plain tensor: no metadata at all
+    ],
+)
+def test_case_names(meta, expected):
+    image = torch.zeros(1, 1, 2, 2, 2) if meta is None else MetaTensor(torch.zeros(1, 1, 2, 2, 2), meta=meta)
+    assert evaluation._case_name(image, 7) == expected
+
+
+def test_load_weights_checks_what_it_loads(tmp_path):
+    net = tiny_dualnet()
+    state = net.state_dict()
+    torch.save({"network_a": net.net_a.state_dict(), "network_b": net.net_b.state_dict()}, tmp_path / "two.pt")
+    loaded = load_weights(tiny_dualnet(seed=1), tmp_path / "two.pt")  # exactly the two networks: a checkpoint too
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), state.values()))
+    partial = {k: v for k, v in state.items() if k.startswith("net_a.")}
+    torch.save(partial, tmp_path / "partial.pt")
+    with pytest.raises(ValueError) as error:  # strict by default: missing keys are an error
+        load_weights(tiny_dualnet(), tmp_path / "partial.pt")
+    assert str(error.value).startswith(f"{tmp_path / 'partial.pt'} does not fit DualNet: Error(s) in loading state_dict")
+    other = load_weights(tiny_dualnet(seed=1), tmp_path / "partial.pt", strict=False)
+    assert torch.equal(other.net_a.out_conv.weight, net.net_a.out_conv.weight)
+    assert not torch.equal(other.net_b.out_conv.weight, net.net_b.out_conv.weight)
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    with pytest.raises(ValueError) as error:
+        load_weights(tiny_dualnet(), tmp_path / "tensor.pt")
+    assert str(error.value) == f"{tmp_path / 'tensor.pt'}: expected a state_dict, found Tensor."
+    torch.save({"net_a.x": CodeNet([0.5])}, tmp_path / "pickled.pt")  # arbitrary objects are not unpickled
+    with pytest.raises(pickle.UnpicklingError):
+        load_weights(tiny_dualnet(), tmp_path / "pickled.pt")
+
+
+def test_disagreement_score_default_margin_and_1d():
+    d = torch.arange(11.0).pow(2).view(1, 1, 11)  # D = 0, 1, 4, ..., 100 on a 1-D line
+    fg = torch.zeros(1, 1, 11)
+    fg[0, 0, 5] = 0.9
+    u = torch.cat([1 - fg, fg, torch.zeros_like(d), d], dim=1)
+    assert evaluation.disagreement_score(u) == pytest.approx(sum(v * v for v in range(2, 9)) / 7)  # margin 3
+    assert evaluation.disagreement_score(u, margin=4) == pytest.approx(sum(v * v for v in range(1, 10)) / 9)
 
 
 def test_model_variants_and_load_weights(tmp_path):
