@@ -1,6 +1,7 @@
 """Evaluation: metrics against brute force and MONAI, LCC, the sliding-window protocols, evaluate.yaml end to end."""
 
 import csv
+import functools
 import itertools
 import json
 import math
@@ -19,6 +20,8 @@ from monai.transforms.utils import has_measure
 from conftest import CONFIGS, blob, blob_image, tiny_dualnet, tiny_overrides
 from monai_dualssl import evaluation
 from monai_dualssl import (
+    METRIC_KEYS,
+    MODEL_NAMES,
     binary_metrics,
     evaluate,
     fast_inferer,
@@ -521,6 +524,81 @@ def test_evaluate_disagreeing_networks_on_anisotropic_voxels(tmp_path, spacing):
     alone = evaluate(CodeDualNet(), loader, field_inferer((8, 8, 8), (4, 4, 4)), tmp_path / "alone",
                      models=["ensemble"], device="cpu", spacing=spacing, progress=False)
     assert alone["metrics"]["ensemble"] == summary["metrics"]["ensemble"]
+
+
+def test_evaluate_reports(tmp_path):
+    """What the evaluation writes besides the numbers: columns, class names, descriptions, the inferer."""
+    codes, label, _ = code_case(6)
+    item = {"image": MetaTensor(codes[None], meta={"filename_or_obj": "/d/a/image.nii.gz"}), "label": label[None]}
+    loader = DataLoader(Dataset([item]), batch_size=1)
+    inferer = field_inferer((8, 8, 8), (4, 4, 6))
+    summary = evaluate(CodeDualNet(), loader, inferer, tmp_path, device="cpu", protocol="field", progress=False,
+                       pixdim=[0.5, 0, 0], label_names={"atrium": 1})
+    assert summary["protocol"] == "field" and summary["num_cases"] == 1 and summary["models"] == list(MODEL_NAMES)
+    assert summary["inferer"] == {"type": "SlidingWindowInferer", "roi_size": [8, 8, 8], "overlap": [0.4375, 0.4375, 0.1875],
+                                  "mode": "constant", "sw_batch_size": 1, "scan_interval": [4, 4, 6]}
+    assert summary["postprocessing"] == {"none": "argmax", "lcc": "argmax, then the largest connected component per class"}
+    assert summary["space"] == ("resampled by the preprocessing to pixdim [0.5, 0, 0] mm; distances in voxels count "
+                                "voxels of that grid, distances in mm use its spacing")
+    assert summary["std"] == "population standard deviation over cases (ddof=0)"
+    assert summary["empty_cases"] == evaluation.EMPTY_RULE and summary["metric_definitions"] == evaluation.METRIC_NOTES
+    assert summary["class_names"] == {"1": "atrium"} and summary["spacings_mm"] == [[1.0, 1.0, 1.0]]
+    assert set(summary["seconds_per_volume"]) == set(MODEL_NAMES) and min(summary["seconds_per_volume"].values()) > 0
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    with open(tmp_path / "metrics.csv") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == ["case", "model", "postprocessing", "class", "class_name", "dice", "jaccard", "empty_pred",
+                                 "empty_gt", *METRIC_KEYS[2:], "spacing", "seconds"]
+    assert {r["class_name"] for r in rows} == {"atrium"} and {r["case"] for r in rows} == {"a/image.nii.gz"}
+    md = (tmp_path / "summary.md").read_text().splitlines()
+    assert md[0] == "# Evaluation (field protocol, 1 cases)" and md[2].startswith("Inferer: `{\"type\": ")
+    assert md[2].endswith("`. Space: " + summary["space"] + ".") and sum(line.startswith("| ") for line in md) == 7
+    plain = evaluate(CodeDualNet(), loader, inferer, tmp_path / "plain", device="cpu", progress=False)
+    assert plain["space"].startswith("the images' own voxel grid; ") and plain["class_names"] == {"1": "class_1"}
+    assert plain["protocol"] == "" and evaluate(CodeDualNet(), loader, inferer, tmp_path / "zero", device="cpu",
+                                                progress=False, pixdim=[0, 0, 0])["space"] == plain["space"]
+
+
+def test_evaluate_rejects_bad_batches(tmp_path):
+    codes, label, _ = code_case(6)
+    run = functools.partial(evaluate, CodeDualNet(), inferer=field_inferer((8, 8, 8), (4, 4, 4)), output_dir=tmp_path,
+                            device="cpu", progress=False)
+    two = [{"image": torch.tensor(np.stack([codes, codes]))[:, None], "label": torch.tensor(np.stack([label, label]))[:, None]}]
+    with pytest.raises(ValueError) as error:
+        run(dataloader=two)
+    assert str(error.value) == "expected batches of one case, found a batch of 2 (use batch_size=1)."
+    cropped = [{"image": torch.tensor(codes)[None, None], "label": torch.tensor(label[:, :, :9])[None, None]}]
+    with pytest.raises(ValueError) as error:
+        run(dataloader=cropped)
+    assert str(error.value) == "case 'case_000': label shape (14, 12, 9) differs from image shape (14, 12, 10)."
+    with pytest.raises(ValueError) as error:
+        run(dataloader=[])
+    assert str(error.value) == "the data loader yielded no case to evaluate."
+
+
+def test_summary_markdown_by_hand():
+    stat = {"mean": 0.8125, "std": 0.0625, "n": 2}
+    entry = {"n_cases": 2, "n_empty_pred": 1, "dice": stat, "jaccard": stat, "hd95_vox": {"mean": None, "std": None, "n": 0},
+             "asd_vox": {"mean": 1.5, "std": 0.25, "n": 2}, "hd95_mm": stat, "asd_mm": stat, "assd_mm": stat}
+    summary = {"protocol": "fast", "num_cases": 2, "inferer": {"type": "X"}, "space": "S",
+               "metrics": {"net_a": {"lcc": {"1": entry, "2": entry}}}, "seconds_per_volume": {"net_a": 1.234},
+               "class_names": {"1": "atrium"}}
+    row = " | 2 | 1 | 81.25 ± 6.25 | 81.25 ± 6.25 | n/a | 1.50 ± 0.25 | 0.81 ± 0.06 | 0.81 ± 0.06 | 0.81 ± 0.06 | 1.23 |"
+    assert evaluation._markdown(summary) == "\n".join([
+        "# Evaluation (fast protocol, 2 cases)",
+        "",
+        'Inferer: `{"type": "X"}`. Space: S.',
+        "",
+        "| model | post-processing | class | cases | empty pred | Dice % | Jaccard % | 95HD (vox) | ASD (vox) "
+        "| 95HD (mm) | ASD (mm) | ASSD (mm) | s / volume |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| net_a | lcc | atrium" + row,
+        "| net_a | lcc | 2" + row,
+        "",
+        "Mean ± standard deviation (ddof=0) over cases. " + evaluation.EMPTY_RULE,
+        "",
+    ])
 
 
 def test_summary_statistics_by_hand():
