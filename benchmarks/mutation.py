@@ -13,7 +13,9 @@ while this repository keeps it in ``bundle/scripts``; each module is therefore s
 ``mutants/<module>/`` (ignored by git) as ``monai_dualssl/`` (a copy of ``bundle/scripts``), the
 tests and the bundle configs (in ``bundle/configs`` for the tests and beside the package, as in the
 bundle), with a generated ``setup.cfg`` holding that module's ``[mutmut]`` settings, and mutmut runs
-there. Slow (every mutant runs the tests that reach it): not part of CI.
+there. mutmut does not mutate decorated functions, so in the staged copy a decorator defined in the
+mutated file (the losses' ``@_float32``) is applied after the function instead (same behaviour).
+Slow (every mutant runs the tests that reach it): not part of CI.
 
     pip install -e ".[mutation]"
     python benchmarks/mutation.py losses evaluation preflight   # fresh runs, then the report
