@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import pickle
+import time
 
 import nibabel as nib
 import numpy as np
@@ -59,7 +60,7 @@ def brute_distances(a, b, spacing):
 def brute_metrics(pred, gt, spacing):
     inter = np.logical_and(pred, gt).sum()
     out = {"dice": 2 * inter / (pred.sum() + gt.sum()), "jaccard": inter / np.logical_or(pred, gt).sum()}
-    for unit, sp in (("vox", (1, 1, 1)), ("mm", spacing)):
+    for unit, sp in (("vox", (1,) * pred.ndim), ("mm", spacing)):
         d_pg, d_gp = brute_distances(pred, gt, sp), brute_distances(gt, pred, sp)
         out[f"hd95_{unit}"] = np.percentile(np.concatenate([d_pg, d_gp]), 95)
         out[f"asd_{unit}"] = d_pg.mean()
@@ -148,6 +149,56 @@ def test_lcc_fallback_matches_monai(monkeypatch):
     with_monai = keep_largest_component(labels, 2)
     monkeypatch.setattr(evaluation, "has_measure", False)
     assert np.array_equal(keep_largest_component(labels, 2), with_monai)
+
+
+@pytest.mark.parametrize("scikit_image", [True, False] if has_measure else [False])
+def test_lcc_by_hand(monkeypatch, scikit_image):
+    """Per class, with MONAI's labelling and with the scipy fallback: full (26-) connectivity, one voxel of two
+    single-voxel components kept, a class of one component untouched; without ``num_classes`` every class
+    present is processed."""
+    monkeypatch.setattr(evaluation, "has_measure", scikit_image)
+    labels = np.zeros((12, 12, 12), dtype=np.int64)
+    labels[1:4, 1:4, 1:4] = 1          # 27 voxels
+    labels[4, 4, 4] = 1                # touches the big one at a corner only
+    labels[8:10, 8:10, 8:10] = 1       # 8 voxels, separate
+    labels[0, 11, 0] = labels[0, 11, 5] = 2  # two single voxels
+    labels[6:8, 0:2, 9:11] = 3         # one component
+    for num_classes in (4, None):
+        out = keep_largest_component(labels, num_classes)
+        assert (out[1:4, 1:4, 1:4] == 1).all() and out[4, 4, 4] == 1 and (out == 1).sum() == 28
+        assert (out == 2).sum() == 1 and out[0, 11, 0] + out[0, 11, 5] == 2
+        assert (out == 3).sum() == 8 and out.dtype == labels.dtype
+
+
+def test_metric_inputs_are_masks():
+    """Any nonzero value is foreground (0/255 masks score as 0/1 masks), equal-sized masks are not Dice 1, and
+    the shape and emptiness checks say what is wrong."""
+    pred, gt = np.zeros((6, 6, 6), bool), np.zeros((6, 6, 6), bool)
+    pred[1:4, 1:4, 1:4], gt[2:5, 1:4, 1:4] = True, True  # the same size, shifted by one voxel
+    m = binary_metrics(pred, gt, SPACING)
+    assert m["dice"] == pytest.approx(2 * 18 / 54) and m["jaccard"] == pytest.approx(18 / 36)
+    assert binary_metrics(pred.astype(np.uint8) * 255, gt.astype(np.uint8) * 255, SPACING) == m
+    assert np.array_equal(evaluation.surface_voxels(pred.astype(np.uint8) * 255), evaluation.surface_voxels(pred))
+    for call in (binary_metrics, surface_distances):
+        with pytest.raises(ValueError) as error:
+            call(pred, gt[:5])
+        assert str(error.value) == "pred and gt must have the same shape, found (6, 6, 6) and (5, 6, 6)."
+    for a, b in ((pred, np.zeros_like(gt)), (np.zeros_like(pred), gt)):
+        with pytest.raises(ValueError) as error:
+            surface_distances(a, b)
+        assert str(error.value) == "surface distances need two non-empty masks."
+
+
+def test_model_variants_errors():
+    net = tiny_dualnet(output="uncertainty")
+    with pytest.raises(ValueError) as error:
+        model_variants(net, ["ensemble"])
+    assert str(error.value) == "the ensemble must return probabilities; set output='prob' (found output='uncertainty')."
+    with pytest.raises(ValueError) as error:  # a single network has no net_a
+        model_variants(nn.Conv3d(1, 2, 1), ["net_a"])
+    assert str(error.value) == ("unknown model 'net_a' for Conv3d; expected some of "
+                                "('ensemble', 'net_a', 'net_b').")
+    assert set(model_variants(net, ["net_a", "net_b"])) == {"net_a", "net_b"}  # the networks need no ensemble mode
 
 
 def field_starts(size, patch, stride):
@@ -453,14 +504,17 @@ class CodeNet(nn.Module):
 
 class CodeDualNet(nn.Module):
     """Two networks that disagree: A says foreground (0.55) on codes 1 and 3, B on codes 2 and 3, each says
-    background firmly (0.1) elsewhere; their mean is foreground on code 3 only. ``forward``: the mean softmax."""
+    background firmly (0.1) elsewhere; their mean is foreground on code 3 only. ``forward``: the mean softmax
+    (``calls`` counts its calls)."""
 
     def __init__(self):
         super().__init__()
         self.net_a = CodeNet([0.1, 0.55, 0.1, 0.55])
         self.net_b = CodeNet([0.1, 0.1, 0.55, 0.55])
+        self.calls = 0
 
     def forward(self, x):
+        self.calls += 1
         return (torch.softmax(self.net_a(x), 1) + torch.softmax(self.net_b(x), 1)) / 2
 
 
@@ -470,14 +524,19 @@ PERMUTED = np.array([[0.0, 1.3, 0.0, 5.0], [-0.7, 0.0, 0.0, 2.0], [0.0, 0.0, 2.1
 
 def code_case(split):
     """Codes on a 14 x 12 x 10 grid: 1 in x 2..split, 3 in x split..11 (y 2..9, z 2..8), 2 in a slab beside
-    them (y 9..11); the label is codes 1 and 3. Returns ``(codes, label, {model: predicted mask})``."""
+    them (y 9..11) and 3 in one voxel apart, (12, 11, 9); the label is the codes 1 and 3 but that voxel.
+    Returns ``(codes, label, {post-processing: {model: predicted mask}})``: the largest component ("lcc")
+    drops the lone voxel."""
     codes = np.zeros((14, 12, 10), np.float32)
     codes[2:split, 2:9, 2:8] = 1
     codes[split:11, 2:9, 2:8] = 3
     codes[2:11, 9:11, 2:8] = 2
-    label = np.isin(codes, (1, 3))
-    masks = {"ensemble": codes == 3, "net_a": np.isin(codes, (1, 3)), "net_b": np.isin(codes, (2, 3))}
-    return codes, label, masks
+    codes[12, 11, 9] = 3
+    island = np.zeros(codes.shape, bool)
+    island[12, 11, 9] = True
+    label = np.isin(codes, (1, 3)) & ~island
+    none = {"ensemble": codes == 3, "net_a": np.isin(codes, (1, 3)), "net_b": np.isin(codes, (2, 3))}
+    return codes, label, {"none": none, "lcc": {m: mask & ~island for m, mask in none.items()}}
 
 
 @pytest.mark.parametrize("spacing", [None, (2.0, 0.5, 1.0)])
@@ -492,24 +551,31 @@ def test_evaluate_disagreeing_networks_on_anisotropic_voxels(tmp_path, spacing):
         items.append({"image": MetaTensor(codes[None], affine=torch.tensor(PERMUTED), meta=meta),
                       "label": MetaTensor(label[None].astype(np.uint8), affine=torch.tensor(PERMUTED))})
     loader = DataLoader(Dataset(items), batch_size=1)
-    summary = evaluate(CodeDualNet(), loader, field_inferer((8, 8, 8), (4, 4, 4)), tmp_path, device="cpu",
+    network = CodeDualNet()
+    start = time.perf_counter()
+    summary = evaluate(network, loader, field_inferer((8, 8, 8), (4, 4, 4)), tmp_path, device="cpu",
                        spacing=spacing, progress=False)
+    elapsed = time.perf_counter() - start
+    assert network.calls == 0  # the ensemble is derived from both networks' windows, never run itself
+    assert 0 < summary["seconds_per_volume"]["net_a"] < elapsed and 0 < summary["seconds_per_volume"]["net_b"] < elapsed
     mm = (0.7, 1.3, 2.1) if spacing is None else spacing
     with open(tmp_path / "metrics.csv") as f:
         rows = {(r["case"], r["model"], r["postprocessing"]): r for r in csv.DictReader(f)}
     assert len(rows) == 2 * 3 * 2
-    # Dice by hand: |R1| = 42 (split - 2), |R3| = 42 (11 - split), |slab| = 9 * 2 * 6 = 108, label R1 + R3 = 378
+    # Dice by hand: |R1| = 42 (split - 2), |R3| = 42 (11 - split), |slab| = 9 * 2 * 6 = 108, label R1 + R3 = 378,
+    # and without largest-component post-processing every prediction has the lone voxel too
     dice = {
-        name: {"ensemble": 2 * 42 * (11 - s) / (42 * (11 - s) + 378), "net_a": 1.0,
-               "net_b": 2 * 42 * (11 - s) / (108 + 42 * (11 - s) + 378)}
-        for name, s in splits.items()
+        (name, post): {"ensemble": 2 * 42 * (11 - s) / (42 * (11 - s) + extra + 378),
+                       "net_a": 2 * 378 / (378 + extra + 378),
+                       "net_b": 2 * 42 * (11 - s) / (108 + 42 * (11 - s) + extra + 378)}
+        for name, s in splits.items() for post, extra in (("none", 1), ("lcc", 0))
     }
     for name, split in splits.items():
         _, label, masks = code_case(split)
-        for model, mask in masks.items():
-            for post in ("none", "lcc"):
+        for post in ("none", "lcc"):
+            for model, mask in masks[post].items():
                 r = rows[(f"{name}/image.nii.gz", model, post)]
-                assert float(r["dice"]) == pytest.approx(dice[name][model]), (name, model)
+                assert float(r["dice"]) == pytest.approx(dice[name, post][model]), (name, model, post)
                 assert r["spacing"] == " ".join(f"{s:g}" for s in mm)
                 expected = brute_metrics(mask, label, mm)
                 for key in ("hd95_vox", "asd_vox", "hd95_mm", "asd_mm", "assd_mm"):
@@ -517,7 +583,7 @@ def test_evaluate_disagreeing_networks_on_anisotropic_voxels(tmp_path, spacing):
         assert float(rows[(f"{name}/image.nii.gz", "net_b", "none")]["hd95_mm"]) != pytest.approx(
             float(rows[(f"{name}/image.nii.gz", "net_b", "none")]["hd95_vox"]))
     entry = summary["metrics"]["ensemble"]["none"]["1"]["dice"]
-    d_a, d_b = dice["a"]["ensemble"], dice["b"]["ensemble"]
+    d_a, d_b = dice["a", "none"]["ensemble"], dice["b", "none"]["ensemble"]
     assert entry["mean"] == pytest.approx((d_a + d_b) / 2) and entry["std"] == pytest.approx(abs(d_a - d_b) / 2)
     assert summary["spacings_mm"] == [list(mm)]
     # the ensemble alone (the network's own mean softmax) scores the same
@@ -558,6 +624,43 @@ def test_evaluate_reports(tmp_path):
     assert plain["space"].startswith("the images' own voxel grid; ") and plain["class_names"] == {"1": "class_1"}
     assert plain["protocol"] == "" and evaluate(CodeDualNet(), loader, inferer, tmp_path / "zero", device="cpu",
                                                 progress=False, pixdim=[0, 0, 0])["space"] == plain["space"]
+
+
+class AutocastProbe(nn.Module):
+    """Foreground exactly where it runs under CPU autocast."""
+
+    def forward(self, x):
+        fg = 1.0 if torch.is_autocast_enabled("cpu") else -1.0
+        return torch.cat([torch.zeros_like(x), torch.full_like(x, fg)], dim=1).float()
+
+
+def test_evaluate_plain_tensors_2d_and_amp(tmp_path):
+    """Plain tensors (no metadata): case_<index> names and 1-voxel spacing; a 2-D case whose MetaTensor is not
+    batched; the networks run under autocast exactly when ``amp`` is set."""
+    codes, label, _ = code_case(6)
+    plain = [{"image": torch.tensor(codes)[None, None], "label": torch.tensor(label)[None, None]}]
+    summary = evaluate(CodeDualNet(), plain, field_inferer((8, 8, 8), (4, 4, 4)), tmp_path / "plain", device="cpu",
+                       progress=False)
+    assert summary["spacings_mm"] == [[1.0, 1.0, 1.0]]
+    with open(tmp_path / "plain" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["case"] for r in rows} == {"case_000"} and all(r["hd95_mm"] == r["hd95_vox"] for r in rows)
+    codes2d, label2d = codes[:, :, 4], label[:, :, 4]
+    item = {"image": MetaTensor(codes2d[None, None], affine=torch.diag(torch.tensor([0.5, 2.0, 1.0, 1.0]))),
+            "label": torch.tensor(label2d)[None, None]}
+    summary = evaluate(CodeDualNet(), [item], field_inferer((8, 8), (4, 4)), tmp_path / "2d", device="cpu",
+                       progress=False)
+    assert summary["spacings_mm"] == [[0.5, 2.0]]
+    ensemble = summary["metrics"]["ensemble"]["lcc"]["1"]
+    expected = brute_metrics(codes2d == 3, label2d, (0.5, 2.0))
+    assert ensemble["dice"]["mean"] == pytest.approx(expected["dice"])
+    assert ensemble["hd95_mm"]["mean"] == pytest.approx(expected["hd95_mm"])
+    probe = nn.Module()
+    probe.net_a, probe.net_b = AutocastProbe(), AutocastProbe()
+    for amp, dice in ((False, 0.0), (True, 2 * 378 / (14 * 12 * 10 + 378))):
+        result = evaluate(probe, plain, field_inferer((8, 8, 8), (4, 4, 4)), tmp_path / f"amp{amp}", device="cpu",
+                          models=["net_a", "net_b"], amp=amp, progress=False)
+        assert result["metrics"]["net_a"]["none"]["1"]["dice"]["mean"] == pytest.approx(dice)
 
 
 def test_evaluate_rejects_bad_batches(tmp_path):
@@ -611,6 +714,8 @@ def test_summary_statistics_by_hand():
     ]
     s = summarize(rows)["ensemble"]["none"]["1"]
     assert s["n_cases"] == 4 and s["n_empty_pred"] == 1 and s["n_empty_gt"] == 0
+    rows[3]["empty_gt"] = True
+    assert summarize(rows)["ensemble"]["none"]["1"]["n_empty_gt"] == 1
     mean = (0.2 + 0.6 + 0.7 + 0.0) / 4
     std = math.sqrt(sum((d - mean) ** 2 for d in (0.2, 0.6, 0.7, 0.0)) / 4)
     assert s["dice"]["mean"] == pytest.approx(mean) and s["dice"]["std"] == pytest.approx(std) and s["dice"]["n"] == 4
