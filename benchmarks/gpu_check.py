@@ -12,7 +12,7 @@ folder), no checkpoint is saved and validation does not run.
 It fails (exit code 1) unless every loss term is finite at every iteration, both networks'
 parameters changed and, with float16, the GradScaler applied at least one of the steps (a step is
 skipped when the scaled gradients overflow; the scale then halves). It prints seconds per iteration
-and iterations per second (excluding the first iteration), the peak memory (CUDA: the allocator's
+and iterations per second (excluding the first iteration, unless it is the only one), the peak memory (CUDA: the allocator's
 peak, ``torch.cuda.max_memory_allocated``; CPU: the process's peak resident memory, also before the
 first iteration, i.e. with the networks and the cached data but no training step yet) and the last
 iteration's loss terms.
@@ -51,7 +51,8 @@ SKIP = ("image", "label", "pred")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset_dir", help="Left Atrium h5 folder (train.list, <case>/mri_norm2.h5); default: generated data")
-    p.add_argument("--iterations", type=int, help="iterations to run, at least 2 (default: 40 on CUDA, 3 on CPU)")
+    p.add_argument("--iterations", type=int,
+                   help="iterations to run (default: 40 on CUDA, 3 on CPU); the first is timed apart (warm-up)")
     p.add_argument("--amp", default="true", help="mixed precision on (true) or float32 (false)")
     p.add_argument("--amp_dtype", choices=["float16", "bfloat16"],
                    help="autocast dtype (default: float16 on CUDA, bfloat16 on CPU)")
@@ -63,8 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.amp = monai_dualssl.as_bool(args.amp, "--amp")
     args.amp_dtype = args.amp_dtype or ("float16" if args.device.type == "cuda" else "bfloat16")
     args.iterations = args.iterations or (40 if args.device.type == "cuda" else 3)
-    if args.iterations < 2:
-        p.error("--iterations must be at least 2 (the first iteration is not timed)")
+    if args.iterations < 1:
+        p.error("--iterations must be at least 1")
     return args
 
 
@@ -133,10 +134,14 @@ class Monitor:
         bad = [k for k, v in terms.items() if not math.isfinite(v)]
         if bad:
             self.problems.append(f"iteration {engine.state.iteration}: non-finite {', '.join(bad)}")
-        if self._scale is not None and engine.scaler.get_scale() < self._scale:
-            self.skipped += 1  # the scaler found inf/NaN gradients, skipped the step and lowered the scale
+        scaler = ""
+        if self._scale is not None:
+            skipped = engine.scaler.get_scale() < self._scale
+            self.skipped += skipped  # the scaler found inf/NaN gradients, skipped the step and lowered the scale
+            scaler = f"  [scale {self._scale:g}{', step skipped' if skipped else ''}]"
         shown = "  ".join(f"{k} {v:.4g}" for k, v in terms.items())
-        print(f"iteration {engine.state.iteration}: {self.times[-1]:.2f} s (CPU {self.cpu_times[-1]:.1f} s)  {shown}", flush=True)
+        print(f"iteration {engine.state.iteration}: {self.times[-1]:.2f} s (CPU {self.cpu_times[-1]:.1f} s)  {shown}{scaler}",
+              flush=True)
         if engine.state.iteration >= self.iterations:
             engine.terminate()
 
@@ -193,10 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, n in zip("AB", changed):
         if n == 0:
             problems.append(f"network {name}: no parameter changed")
-    timed = monitor.times[1:]
-    seconds = sum(timed) / len(timed)
-    cpu = sum(monitor.cpu_times[1:]) / len(timed)
-    print(f"\nseconds per iteration (excluding the first): {seconds:.3f}  ({1 / seconds:.3f} iterations/s); "
+    timed = slice(1, None) if len(monitor.times) > 1 else slice(None)  # one iteration: its own time, warm-up included
+    seconds = sum(monitor.times[timed]) / len(monitor.times[timed])
+    cpu = sum(monitor.cpu_times[timed]) / len(monitor.times[timed])
+    which = "excluding the first" if len(monitor.times) > 1 else "one iteration only, warm-up included"
+    print(f"\nseconds per iteration ({which}): {seconds:.3f}  ({1 / seconds:.3f} iterations/s); "
           f"first iteration {monitor.times[0]:.2f} s; CPU time per iteration {cpu:.1f} s ({torch.get_num_threads()} threads)")
     if args.device.type == "cuda":
         print(f"peak GPU memory (max_memory_allocated): {gib(torch.cuda.max_memory_allocated(args.device))}; "

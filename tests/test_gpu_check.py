@@ -196,6 +196,6 @@ def test_gpu_check_fails_on_a_non_finite_term(monkeypatch, capsys):
     assert "FAILED: iteration 1: non-finite loss_cos; iteration 2: non-finite loss_cos" in out
 
 
-def test_gpu_check_rejects_one_iteration():
+def test_gpu_check_rejects_zero_iterations():
     with pytest.raises(SystemExit):
-        gpu_check.parse_args(["--iterations", "1"])
+        gpu_check.parse_args(["--iterations", "0"])
