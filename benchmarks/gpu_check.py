@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.device = torch.device(args.device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
     args.amp = monai_dualssl.as_bool(args.amp, "--amp")
     args.amp_dtype = args.amp_dtype or ("float16" if args.device.type == "cuda" else "bfloat16")
-    args.iterations = args.iterations or (40 if args.device.type == "cuda" else 3)
+    args.iterations = (40 if args.device.type == "cuda" else 3) if args.iterations is None else args.iterations
     if args.iterations < 1:
         p.error("--iterations must be at least 1")
     return args
