@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 from monai.bundle import ConfigWorkflow
 from monai.data import DataLoader, Dataset, MetaTensor
+from monai.inferers import SimpleInferer
 from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance
 from monai.transforms.utils import has_measure
 
@@ -511,6 +512,7 @@ class CodeDualNet(nn.Module):
         super().__init__()
         self.net_a = CodeNet([0.1, 0.55, 0.1, 0.55])
         self.net_b = CodeNet([0.1, 0.1, 0.55, 0.55])
+        self.unused = nn.Parameter(torch.zeros(()))  # where the network lives, for evaluate's default device
         self.calls = 0
 
     def forward(self, x):
@@ -598,7 +600,8 @@ def test_evaluate_reports(tmp_path):
     item = {"image": MetaTensor(codes[None], meta={"filename_or_obj": "/d/a/image.nii.gz"}), "label": label[None]}
     loader = DataLoader(Dataset([item]), batch_size=1)
     inferer = field_inferer((8, 8, 8), (4, 4, 6))
-    summary = evaluate(CodeDualNet(), loader, inferer, tmp_path, device="cpu", protocol="field", progress=False,
+    out = tmp_path / "nested" / "eval"  # created with its parents
+    summary = evaluate(CodeDualNet(), loader, inferer, out, protocol="field", progress=False,  # device: the network's
                        pixdim=[0.5, 0, 0], label_names={"atrium": 1})
     assert summary["protocol"] == "field" and summary["num_cases"] == 1 and summary["models"] == list(MODEL_NAMES)
     assert summary["inferer"] == {"type": "SlidingWindowInferer", "roi_size": [8, 8, 8], "overlap": [0.4375, 0.4375, 0.1875],
@@ -610,14 +613,15 @@ def test_evaluate_reports(tmp_path):
     assert summary["empty_cases"] == evaluation.EMPTY_RULE and summary["metric_definitions"] == evaluation.METRIC_NOTES
     assert summary["class_names"] == {"1": "atrium"} and summary["spacings_mm"] == [[1.0, 1.0, 1.0]]
     assert set(summary["seconds_per_volume"]) == set(MODEL_NAMES) and min(summary["seconds_per_volume"].values()) > 0
-    assert json.loads((tmp_path / "summary.json").read_text()) == summary
-    with open(tmp_path / "metrics.csv") as f:
+    assert (out / "summary.json").read_text() == json.dumps(summary, indent=2)
+    with open(out / "metrics.csv") as f:
         reader = csv.DictReader(f)
         rows = list(reader)
+    assert all(float(r["seconds"]) == summary["seconds_per_volume"][r["model"]] for r in rows)
     assert reader.fieldnames == ["case", "model", "postprocessing", "class", "class_name", "dice", "jaccard", "empty_pred",
                                  "empty_gt", *METRIC_KEYS[2:], "spacing", "seconds"]
     assert {r["class_name"] for r in rows} == {"atrium"} and {r["case"] for r in rows} == {"a/image.nii.gz"}
-    md = (tmp_path / "summary.md").read_text().splitlines()
+    md = (out / "summary.md").read_text().splitlines()
     assert md[0] == "# Evaluation (field protocol, 1 cases)" and md[2].startswith("Inferer: `{\"type\": ")
     assert md[2].endswith("`. Space: " + summary["space"] + ".") and sum(line.startswith("| ") for line in md) == 7
     plain = evaluate(CodeDualNet(), loader, inferer, tmp_path / "plain", device="cpu", progress=False)
@@ -657,10 +661,30 @@ def test_evaluate_plain_tensors_2d_and_amp(tmp_path):
     assert ensemble["hd95_mm"]["mean"] == pytest.approx(expected["hd95_mm"])
     probe = nn.Module()
     probe.net_a, probe.net_b = AutocastProbe(), AutocastProbe()
-    for amp, dice in ((False, 0.0), (True, 2 * 378 / (14 * 12 * 10 + 378))):
+    for amp, dice in ((None, 0.0), (False, 0.0), (True, 2 * 378 / (14 * 12 * 10 + 378))):  # None: the default
         result = evaluate(probe, plain, field_inferer((8, 8, 8), (4, 4, 4)), tmp_path / f"amp{amp}", device="cpu",
-                          models=["net_a", "net_b"], amp=amp, progress=False)
+                          models=["net_a", "net_b"], progress=False, **({} if amp is None else {"amp": amp}))
+        assert result["models"] == ["net_a", "net_b"]
         assert result["metrics"]["net_a"]["none"]["1"]["dice"]["mean"] == pytest.approx(dice)
+
+
+def test_evaluate_progress_bar(tmp_path, capsys):
+    codes, label, _ = code_case(6)
+    plain = [{"image": torch.tensor(codes)[None, None], "label": torch.tensor(label)[None, None]}]
+    run = functools.partial(evaluate, CodeDualNet(), plain, field_inferer((8, 8, 8), (4, 4, 4)), tmp_path, device="cpu")
+    run(protocol="field")  # a progress bar by default, named by the protocol
+    assert "evaluating (field): 100%" in capsys.readouterr().err
+    run()
+    assert "evaluating (inferer): 100%" in capsys.readouterr().err
+    run(progress=False)
+    assert "evaluating" not in capsys.readouterr().err
+
+
+def test_describe_inferers():
+    assert evaluation._describe(SimpleInferer()) == {
+        "type": "SimpleInferer", "roi_size": None, "overlap": None, "mode": "None", "sw_batch_size": None}
+    desc = evaluation._describe(field_inferer((8, 8, 8), (1, 4, 8)))
+    assert desc["scan_interval"] == [1, 4, 8] and desc["mode"] == "constant" and type(desc["mode"]) is str
 
 
 def test_evaluate_rejects_bad_batches(tmp_path):
@@ -688,6 +712,8 @@ def test_summary_markdown_by_hand():
                "metrics": {"net_a": {"lcc": {"1": entry, "2": entry}}}, "seconds_per_volume": {"net_a": 1.234},
                "class_names": {"1": "atrium"}}
     row = " | 2 | 1 | 81.25 ± 6.25 | 81.25 ± 6.25 | n/a | 1.50 ± 0.25 | 0.81 ± 0.06 | 0.81 ± 0.06 | 0.81 ± 0.06 | 1.23 |"
+    without_names = {k: v for k, v in summary.items() if k != "class_names"}
+    assert "| net_a | lcc | 1 | 2 |" in evaluation._markdown(without_names).splitlines()[6]
     assert evaluation._markdown(summary) == "\n".join([
         "# Evaluation (fast protocol, 2 cases)",
         "",
