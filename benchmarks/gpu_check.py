@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         layout = parser.get("memory_format")
         layout = f", memory format {monai_dualssl.resolve_memory_format(layout, args.device)}" if layout else ""
         load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-        print(f"gpu_check: device {args.device} ({torch.get_num_threads()} CPU threads, load average {load}), {precision}")
+        print(f"gpu_check: device {args.device} (CPU threads: {torch.get_num_threads()}, load average {load}), {precision}")
         print(f"  train.yaml + la.yaml{' (--smoke)' if args.smoke else ''}: patch {patch}, batch {batch}, "
               f"networks A {sizes[0]:.2f} M + B {sizes[1]:.2f} M parameters{layout}, loss weights {trainer.state.loss_weights}")
         print(f"  data: {data}; {args.iterations} iterations", flush=True)
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu = sum(monitor.cpu_times[timed]) / len(monitor.times[timed])
     which = "excluding the first" if len(monitor.times) > 1 else "one iteration only, warm-up included"
     print(f"\nseconds per iteration ({which}): {seconds:.3f}  ({1 / seconds:.3f} iterations/s); "
-          f"first iteration {monitor.times[0]:.2f} s; CPU time per iteration {cpu:.1f} s ({torch.get_num_threads()} threads)")
+          f"first iteration {monitor.times[0]:.2f} s; CPU time per iteration {cpu:.1f} s (threads: {torch.get_num_threads()})")
     if args.device.type == "cuda":
         print(f"peak GPU memory (max_memory_allocated): {gib(torch.cuda.max_memory_allocated(args.device))}; "
               f"peak RSS {gib(peak_rss())}")
