@@ -152,13 +152,13 @@ class MutualCorrectionLoss(_Loss):
     def mask(self, input: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         """Confident-disagreement mask ``[B, 1, *spatial]`` (bool) of two logit maps."""
 
-        def confident_onehot(logits: torch.Tensor) -> torch.Tensor:
+        def confident_class(logits: torch.Tensor) -> torch.Tensor:  # [B, *spatial]: argmax, -1 if not confident
             conf, label = F.softmax(logits.detach().float(), dim=1).max(dim=1)
-            hot = F.one_hot(label, logits.shape[1]).movedim(-1, 1).bool()
-            return hot & (conf >= self.threshold).unsqueeze(1)
+            return label.masked_fill(conf < self.threshold, -1)
 
-        disagree = confident_onehot(input) ^ confident_onehot(other)
-        return disagree[:, 1:].any(dim=1, keepdim=True)
+        # some foreground conf_c differs <=> the confident classes differ and one of them is foreground
+        a, b = confident_class(input), confident_class(other)
+        return ((a != b) & (torch.maximum(a, b) >= 1)).unsqueeze(1)
 
     @_float32
     def forward(self, input: torch.Tensor, other: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -172,8 +172,9 @@ class MutualCorrectionLoss(_Loss):
         _check_same("MutualCorrectionLoss", "other", input, other)
         _check_target("MutualCorrectionLoss", input, target)
         mask = self.mask(input, other)
-        onehot = F.one_hot(target[:, 0].long(), input.shape[1]).movedim(-1, 1).to(input.dtype)
-        sq = (F.softmax(input, dim=1) - onehot).pow(2).mean(dim=1, keepdim=True)
+        p = F.softmax(input, dim=1)
+        # mean_c (p_c - y_c)^2 = (sum_c p_c^2 - 2 p_y + 1) / C, without the one-hot label
+        sq = (p.pow(2).sum(dim=1, keepdim=True) - 2 * p.gather(1, target.long()) + 1) / input.shape[1]
         return _reduce(sq * mask, mask.sum(), self.reduction)
 
 

@@ -337,9 +337,9 @@ class _EncoderDecoderNet(nn.Module):
         the others, e.g. the labeled part of a mixed batch)."""
         h = self._decode(x)
         if self.channels_last and start > 0:
-            # the gradient of a slice is written into a default-layout tensor of zeros; sliced before the
-            # projection, it would reach the decoder in that layout and slow its backward several times
-            return self.out_conv(h), self.proj(h)[start:]
+            # sliced in the memory order [B, H, W, D, C]: the slice's gradient (zeros for samples < start)
+            # is then channels_last too; a plain h[start:] would hand the decoder a default-layout gradient
+            return self.out_conv(h), self.proj(h.permute(0, 2, 3, 4, 1)[start:].permute(0, 4, 1, 2, 3))
         return self.out_conv(h), self.proj(h[start:])
 
 
