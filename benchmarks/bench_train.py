@@ -17,7 +17,9 @@ Per config and variant it prints min and median wall seconds per iteration (and 
 the process, less sensitive to other load on the machine), where the time goes (labeled and
 unlabeled batches, forward, losses, backward, optimizer steps, handlers), the peak resident memory
 during that variant's rounds, and the ratio of the iteration to the bare networks: forward + backward +
-SGD step of both networks with a plain cross-entropy on the same batch shapes, timed in the same rounds.
+SGD step of both networks as the trainer runs them (with their projection heads on the unlabeled samples
+when the prototype loss is on) under a plain cross-entropy on the same batch shapes, timed in the same
+rounds; the ratio is the cost of the losses, the trainer and its handlers.
 The datasets are cut to ``--cases`` labeled and unlabeled cases (loading them is not the benchmark).
 
     python benchmarks/bench_train.py --dataset_dir /data/la2018 [--configs la_cpu la] \
@@ -125,9 +127,7 @@ class Variant:
         self.compile_seconds = None
         if settings["compile"]:
             self.trainer._run_a, self.trainer._run_b = (torch.compile(m) for m in (self.trainer._run_a, self.trainer._run_b))
-            self.bare_nets = tuple(torch.compile(n) for n in self.nets)
-        else:
-            self.bare_nets = self.nets
+        self.bare_nets = (self.trainer._run_a, self.trainer._run_b)  # x, start -> (logits, features or None)
         self.bare_opts = [torch.optim.SGD(n.parameters(), lr=1e-4, momentum=0.9) for n in self.nets]
         self.times: dict[str, list[float]] = {"iteration": [], "cpu": [], "bare": [], "bare_cpu": [],
                                               **{p: [] for p in PHASES}}
@@ -169,14 +169,18 @@ class Variant:
         self.times["handlers"].append(end - c["model"])
 
     def bare_step(self) -> tuple[float, float]:
-        """Wall and CPU seconds of forward + backward + SGD of both networks with a cross-entropy."""
+        """Wall and CPU seconds of forward + backward + SGD of both networks (their projection heads included
+        when the trainer uses them, under the mean of the features) with a cross-entropy."""
         n_l, n_u = self.batch
         x = torch.randn(n_l + n_u, 1, *self.patch)
         y = torch.randint(0, self.classes, (n_l, *self.patch))
         start, cpu = time.perf_counter(), time.process_time()
         for opt in self.bare_opts:
             opt.zero_grad()
-        loss = sum(F.cross_entropy(net(x)[:n_l], y) for net in self.bare_nets)
+        loss = x.new_zeros(())
+        for net in self.bare_nets:
+            z, f = net(x, n_l)
+            loss = loss + F.cross_entropy(z[:n_l], y) + (0 if f is None else f.float().mean())
         loss.backward()
         for opt in self.bare_opts:
             opt.step()
