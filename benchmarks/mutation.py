@@ -18,12 +18,12 @@ mutated file (the losses' ``@_float32``) is applied after the function instead (
 Slow (every mutant runs the tests that reach it): not part of CI.
 
     pip install -e ".[mutation]"
-    python benchmarks/mutation.py losses evaluation preflight   # fresh runs, then the report
+    python benchmarks/mutation.py losses metrics inference evaluation preflight   # fresh runs, then the report
     python benchmarks/mutation.py losses --retest               # re-run only the last run's survivors
     python benchmarks/mutation.py --report --show               # last results, with each survivor's diff
 
-Modules: see ``MODULES`` (``preflight`` is the preflight part of ``data``). ``--max-children``
-(default 1) is the number of mutants tested at once.
+Modules: see ``MODULES`` (one file of the package each). ``--max-children`` (default 1) is the number
+of mutants tested at once.
 """
 
 from __future__ import annotations
@@ -44,17 +44,18 @@ PACKAGE = "monai_dualssl"
 STAGES = REPO / "mutants"
 EQUIVALENT = Path(__file__).resolve().with_name("mutation_equivalent.txt")
 
-# module -> the file mutated, the tests that judge it (those that exist), and optionally the section of
-# the file mutated (the functions and classes under its "# <section>" header, up to the next header)
+# module -> the file mutated and the tests that judge it (those that exist)
 MODULES = {
     "losses": {"file": "losses.py", "tests": ["tests/test_losses.py", "tests/test_gradients.py", "tests/test_amp.py"]},
+    "metrics": {"file": "metrics.py", "tests": ["tests/test_evaluation.py"]},
+    "inference": {"file": "inference.py", "tests": ["tests/test_evaluation.py"]},
     "evaluation": {"file": "evaluation.py", "tests": ["tests/test_evaluation.py"]},
-    "preflight": {"file": "data.py", "tests": ["tests/test_data.py"], "section": "preflight"},
+    # check_inputs / raise_failed_inputs are tested through inference.json's runs
+    "preflight": {"file": "preflight.py", "tests": ["tests/test_data.py", "tests/test_inference.py"]},
     "engines": {"file": "engines.py", "tests": ["tests/test_training.py"]},
     "handlers": {"file": "handlers.py", "tests": ["tests/test_training.py"]},
 }
 
-SEP = "\u01c1"  # mutmut's separator in the names of methods' mutants: x<sep>Class<sep>method
 KILLED = {1, 3, 24, -24, 152, 255, 36, -9, -11}  # test failure, pytest error, timeout, crash
 STATUS = {0: "survived", 33: "no tests", 5: "no tests", 34: "skipped", None: "not checked"}
 
@@ -148,48 +149,12 @@ def key_prefix(module: str) -> str:
     return f"{PACKAGE}.{Path(MODULES[module]['file']).stem}."
 
 
-def section_names(module: str) -> list[str] | None:
-    """mutmut's mangled names (``x_<function>``, ``xǁ<class>ǁ``) of the top-level functions and classes in
-    the module's section; None: the whole file."""
-    section = MODULES[module].get("section")
-    if section is None:
-        return None
-    source = (SOURCE / MODULES[module]["file"]).read_text()
-    lines = source.splitlines()
-    headers = [i + 1 for i, line in enumerate(lines) if line.startswith("# ") and i and lines[i - 1].startswith("# ---")]
-    start = next(n for n in headers if lines[n - 1] == f"# {section}")
-    end = min([n for n in headers if n > start], default=len(lines) + 1)
-    names = []
-    for node in ast.parse(source).body:
-        if start < node.lineno < end:
-            if isinstance(node, ast.FunctionDef):
-                names.append(f"x_{node.name}")
-            elif isinstance(node, ast.ClassDef):
-                names.append(f"x{SEP}{node.name}{SEP}")
-    return names
-
-
-def selected(module: str, key: str, names: list[str] | None) -> bool:
-    """Whether mutant ``key`` belongs to ``module`` (``names``: :func:`section_names`)."""
-    name = key[len(key_prefix(module)) :].partition("__mutmut_")[0]
-    return names is None or any(name == n or (n.endswith(SEP) and name.startswith(n)) for n in names)
-
-
-def patterns(module: str) -> list[str]:
-    names = section_names(module)
-    if names is None:
-        return []
-    return [f"{key_prefix(module)}{n}{'*' if n.endswith(SEP) else ''}__mutmut_*" for n in names]
-
-
 def results(module: str) -> dict[str, int | None]:
     """``{mutant id: mutmut exit code}`` of the last run of ``module`` (empty before the first)."""
     meta = stage_dir(module) / "mutants" / PACKAGE / (MODULES[module]["file"] + ".meta")
     if not meta.is_file():
         return {}
-    codes = json.loads(meta.read_text())["exit_code_by_key"]
-    names = section_names(module)
-    return {k: v for k, v in codes.items() if selected(module, k, names)}
+    return json.loads(meta.read_text())["exit_code_by_key"]
 
 
 INACTIVE = "[import time]"
@@ -209,7 +174,7 @@ def equivalent() -> dict[str, str]:
 
 def run(module: str, retest: bool, max_children: int) -> None:
     stage = prepare(module, fresh=not retest)
-    names = patterns(module)
+    names = []
     if retest:
         names = [k for k, v in results(module).items() if v not in KILLED and k not in equivalent()]
         if not names:

@@ -10,8 +10,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from monai_dualssl.data import make_synthetic_dataset
 from monai_dualssl.networks import DualNet
+from monai_dualssl.synthetic import make_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"

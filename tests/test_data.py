@@ -15,7 +15,7 @@ from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 from monai.bundle import ConfigWorkflow
 
 from conftest import CONFIGS, require_la, tiny_overrides
-from monai_dualssl.data import (
+from monai_dualssl import (
     DataError,
     H5Reader,
     build_datalist,
@@ -90,7 +90,8 @@ def test_h5_reader_loadimaged(tmp_path):
 def test_h5_reader_by_name(tmp_path):
     path = tmp_path / "x.hdf5"
     arrays = write_h5(path)
-    loader = LoadImaged(keys="label", reader="monai_dualssl.data.H5Reader", dataset="label", ensure_channel_first=True)
+    loader = LoadImaged(keys="label", reader="monai_dualssl.readers.H5Reader", dataset="label",
+                        ensure_channel_first=True)
     np.testing.assert_array_equal(loader({"label": str(path)})["label"][0].numpy(), arrays["label"])
     config = {"reader": {"_target_": "H5Reader", "dataset": "label", "spacing": [0.625, 0.625, 0.625]}}
     reader = ConfigParser(config).get_parsed_content("reader")  # bundle configs name it by class name
@@ -469,7 +470,7 @@ def test_preflight_readers(tmp_path):
     datalist = {"labeled": items[:1], "unlabeled": [{"image": items[1]["image"]}], "validation": items[2:]}
     renamed = {"image": H5Reader(dataset="img"), "label": H5Reader(dataset="seg")}
     assert preflight(datalist, num_classes=2, patch_size=(8, 8, 8), reader=renamed)["label_values"] == [1]
-    by_name = {"image": "monai_dualssl.data.H5Reader", "label": H5Reader(dataset="seg")}  # a name reads "image"
+    by_name = {"image": "monai_dualssl.readers.H5Reader", "label": H5Reader(dataset="seg")}  # a name reads "image"
     assert preflight(datalist, num_classes=2, patch_size=(8, 8, 8), reader=by_name)["label_values"] == [1]
     with pytest.raises(DataError, match="no h5 dataset 'label'"):
         preflight(datalist, num_classes=2, patch_size=(8, 8, 8))  # the default reads dataset 'label'

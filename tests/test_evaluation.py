@@ -20,7 +20,7 @@ from monai.metrics import compute_average_surface_distance, compute_dice, comput
 from monai.transforms.utils import has_measure
 
 from conftest import CONFIGS, blob, blob_image, tiny_dualnet, tiny_overrides
-from monai_dualssl import evaluation
+from monai_dualssl import evaluation, inference, metrics
 from monai_dualssl import (
     METRIC_KEYS,
     MODEL_NAMES,
@@ -148,7 +148,7 @@ def test_lcc_keeps_only_the_largest_component():
 def test_lcc_fallback_matches_monai(monkeypatch):
     labels = blob((16, 14, 12), seed=7, threshold=0.8).astype(np.int64)
     with_monai = keep_largest_component(labels, 2)
-    monkeypatch.setattr(evaluation, "has_measure", False)
+    monkeypatch.setattr(metrics, "has_measure", False)
     assert np.array_equal(keep_largest_component(labels, 2), with_monai)
 
 
@@ -157,7 +157,7 @@ def test_lcc_by_hand(monkeypatch, scikit_image):
     """Per class, with MONAI's labelling and with the scipy fallback: full (26-) connectivity, one voxel of two
     single-voxel components kept, a class of one component untouched; without ``num_classes`` every class
     present is processed."""
-    monkeypatch.setattr(evaluation, "has_measure", scikit_image)
+    monkeypatch.setattr(metrics, "has_measure", scikit_image)
     labels = np.zeros((12, 12, 12), dtype=np.int64)
     labels[1:4, 1:4, 1:4] = 1          # 27 voxels
     labels[4, 4, 4] = 1                # touches the big one at a corner only
@@ -179,7 +179,7 @@ def test_metric_inputs_are_masks():
     m = binary_metrics(pred, gt, SPACING)
     assert m["dice"] == pytest.approx(2 * 18 / 54) and m["jaccard"] == pytest.approx(18 / 36)
     assert binary_metrics(pred.astype(np.uint8) * 255, gt.astype(np.uint8) * 255, SPACING) == m
-    assert np.array_equal(evaluation.surface_voxels(pred.astype(np.uint8) * 255), evaluation.surface_voxels(pred))
+    assert np.array_equal(metrics.surface_voxels(pred.astype(np.uint8) * 255), metrics.surface_voxels(pred))
     for call in (binary_metrics, surface_distances):
         with pytest.raises(ValueError) as error:
             call(pred, gt[:5])
@@ -358,8 +358,8 @@ def test_disagreement_score_default_margin_and_1d():
     fg = torch.zeros(1, 1, 11)
     fg[0, 0, 5] = 0.9
     u = torch.cat([1 - fg, fg, torch.zeros_like(d), d], dim=1)
-    assert evaluation.disagreement_score(u) == pytest.approx(sum(v * v for v in range(2, 9)) / 7)  # margin 3
-    assert evaluation.disagreement_score(u, margin=4) == pytest.approx(sum(v * v for v in range(1, 10)) / 9)
+    assert inference.disagreement_score(u) == pytest.approx(sum(v * v for v in range(2, 9)) / 7)  # margin 3
+    assert inference.disagreement_score(u, margin=4) == pytest.approx(sum(v * v for v in range(1, 10)) / 9)
 
 
 def test_model_variants_and_load_weights(tmp_path):
@@ -610,7 +610,7 @@ def test_evaluate_reports(tmp_path):
     assert summary["space"] == ("resampled by the preprocessing to pixdim [0.5, 0, 0] mm; distances in voxels count "
                                 "voxels of that grid, distances in mm use its spacing")
     assert summary["std"] == "population standard deviation over cases (ddof=0)"
-    assert summary["empty_cases"] == evaluation.EMPTY_RULE and summary["metric_definitions"] == evaluation.METRIC_NOTES
+    assert summary["empty_cases"] == metrics.EMPTY_RULE and summary["metric_definitions"] == metrics.METRIC_NOTES
     assert summary["class_names"] == {"1": "atrium"} and summary["spacings_mm"] == [[1.0, 1.0, 1.0]]
     assert set(summary["seconds_per_volume"]) == set(MODEL_NAMES) and min(summary["seconds_per_volume"].values()) > 0
     assert (out / "summary.json").read_text() == json.dumps(summary, indent=2)
@@ -725,7 +725,7 @@ def test_summary_markdown_by_hand():
         "| net_a | lcc | atrium" + row,
         "| net_a | lcc | 2" + row,
         "",
-        "Mean ± standard deviation (ddof=0) over cases. " + evaluation.EMPTY_RULE,
+        "Mean ± standard deviation (ddof=0) over cases. " + metrics.EMPTY_RULE,
         "",
     ])
 
@@ -754,12 +754,12 @@ def test_disagreement_score_by_hand():
     fg = torch.zeros(1, 1, 7, 1, 1)
     fg[0, 0, 3] = 0.9  # predicted foreground at voxel 3 only
     u = torch.cat([1 - fg, fg, torch.zeros_like(d), d], dim=1)  # p (2 classes), entropy, disagreement
-    assert evaluation.disagreement_score(u, margin=0) == pytest.approx(9.0)
-    assert evaluation.disagreement_score(u, margin=1) == pytest.approx((4 + 9 + 16) / 3)
-    assert evaluation.disagreement_score(u, margin=5) == pytest.approx(91 / 7)  # the whole line
+    assert inference.disagreement_score(u, margin=0) == pytest.approx(9.0)
+    assert inference.disagreement_score(u, margin=1) == pytest.approx((4 + 9 + 16) / 3)
+    assert inference.disagreement_score(u, margin=5) == pytest.approx(91 / 7)  # the whole line
     none = torch.cat([torch.ones_like(d), torch.zeros_like(d), torch.zeros_like(d), d], dim=1)
-    assert evaluation.disagreement_score(none, margin=1) == pytest.approx(91 / 7)  # nothing predicted: all voxels
+    assert inference.disagreement_score(none, margin=1) == pytest.approx(91 / 7)  # nothing predicted: all voxels
     with pytest.raises(ValueError, match=r"\[1, C \+ 2"):
-        evaluation.disagreement_score(u[:, :3])
+        inference.disagreement_score(u[:, :3])
     with pytest.raises(ValueError, match="found"):
-        evaluation.disagreement_score(torch.cat([u, u]))
+        inference.disagreement_score(torch.cat([u, u]))

@@ -3,6 +3,7 @@ run, and a wheel (``pip install .``, not editable) that runs inference with a bu
 
 import importlib.util
 import os
+import pkgutil
 import shutil
 import subprocess
 import sys
@@ -38,6 +39,19 @@ def test_git_holds_no_logs_or_run_output():
                   or {"logs", "runs", "mlruns", "eval", "__pycache__"} & set(Path(f).parts)]
     assert not run_output, f"logs or run output committed: {run_output}"
     assert not [f for f in tracked if f.startswith("bundle/scripts/") and not f.endswith(".py")]
+
+
+def test_the_package_exports_the_public_names_of_its_modules():
+    """``__init__.py`` imports every name of every module's ``__all__`` (``labelapp``, which needs monailabel,
+    aside), so configs reach each as ``monai_dualssl.<name>``; a name added to a module needs its line there."""
+    import monai_dualssl
+
+    for info in pkgutil.iter_modules(monai_dualssl.__path__):
+        if info.name == "labelapp":
+            continue
+        module = importlib.import_module(f"monai_dualssl.{info.name}")
+        missing = [n for n in module.__all__ if getattr(monai_dualssl, n, None) is not getattr(module, n)]
+        assert not missing, f"monai_dualssl/__init__.py does not import {missing} from {info.name}.py"
 
 
 @pytest.mark.last

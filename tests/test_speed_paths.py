@@ -15,7 +15,7 @@ from monai.bundle import ConfigParser
 
 import monai_dualssl
 from monai_dualssl.config import ConfigError, check_config
-from monai_dualssl.evaluation import fast_inferer, field_inferer
+from monai_dualssl.inference import fast_inferer, field_inferer
 from monai_dualssl.networks import DualNet, ResNetVNet, VNet, resolve_memory_format, set_num_threads
 
 CONFIGS = Path(__file__).resolve().parents[1] / "bundle" / "configs"

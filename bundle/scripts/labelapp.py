@@ -39,7 +39,7 @@ from monailabel.tasks.infer.bundle import BundleInferTask
 from monailabel.tasks.train.bundle import BundleTrainTask
 from monailabel.utils.others.generic import name_to_device
 
-from .evaluation import disagreement_score, load_weights
+from .inference import disagreement_score, load_weights
 from .labels import class_names
 
 __all__ = ["DisagreementScoring", "DualSSLApp", "DualSSLInferTask", "DualSSLTrainTask", "create_app", "default_bundle"]
@@ -167,7 +167,7 @@ class DualSSLTrainTask(BundleTrainTask):
 class DisagreementScoring(ScoringMethod):
     """
     Score every unlabeled image by the disagreement of the two networks (see
-    :func:`monai_dualssl.evaluation.disagreement_score`): the mean symmetric KL between their softmax
+    :func:`monai_dualssl.inference.disagreement_score`): the mean symmetric KL between their softmax
     maps over the predicted foreground dilated by ``margin`` voxels. Images are re-scored when
     ``models/model.pt`` changes. Scores go to the datastore's image info under ``key``.
 

@@ -171,7 +171,7 @@ def _load(path: Path, h5_dataset: str) -> np.ndarray:
     """Channel-first array of ``path`` read as inference reads it (h5: ``H5Reader(dataset=h5_dataset)``)."""
     from monai.transforms import LoadImage
 
-    from .data import H5Reader
+    from .readers import H5Reader
 
     if path.is_file() and path.name.lower().endswith((".h5", ".hdf5")):
         loader = LoadImage(reader=H5Reader(dataset=h5_dataset), image_only=True, ensure_channel_first=True)
