@@ -34,7 +34,8 @@ import torch
 from monai.bundle import ConfigParser
 from monai.data import DataLoader, Dataset
 
-from monai_dualssl.evaluation import evaluate, load_weights, protocol_inferer
+from monai_dualssl.evaluation import evaluate
+from monai_dualssl.inference import load_weights, protocol_inferer
 from monai_dualssl.networks import set_num_threads
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,8 +22,6 @@ from monai.inferers import Inferer, SlidingWindowInferer
 from tqdm import tqdm
 
 from .inference import MODEL_NAMES, model_variants
-# re-exported: benchmarks/bench_inference.py imports them from this module
-from .inference import load_weights, protocol_inferer  # noqa: F401
 from .labels import class_names
 from .metrics import EMPTY_RULE, METRIC_KEYS, METRIC_NOTES, keep_largest_component, segmentation_metrics, summarize
 
