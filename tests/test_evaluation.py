@@ -763,3 +763,19 @@ def test_disagreement_score_by_hand():
         inference.disagreement_score(u[:, :3])
     with pytest.raises(ValueError, match="found"):
         inference.disagreement_score(torch.cat([u, u]))
+
+
+def test_uncertainty_score_picks_the_map_by_name_with_three_classes():
+    h = torch.arange(7.0).view(1, 1, 7, 1, 1)  # entropy 0..6
+    d = 10 * h  # disagreement 0..60
+    fg1 = torch.zeros(1, 1, 7, 1, 1)
+    fg1[0, 0, 1] = 0.8  # class 1 at voxel 1
+    fg2 = torch.zeros(1, 1, 7, 1, 1)
+    fg2[0, 0, 5] = 0.8  # class 2 at voxel 5
+    u = torch.cat([1 - fg1 - fg2, fg1, fg2, h, d], dim=1)
+    assert inference.uncertainty_score(u, margin=0, which="entropy") == pytest.approx((1 + 5) / 2)
+    assert inference.uncertainty_score(u, margin=0) == pytest.approx((10 + 50) / 2)  # disagreement by default
+    assert inference.uncertainty_score(u, margin=1, which="entropy") == pytest.approx((0 + 1 + 2 + 4 + 5 + 6) / 6)
+    assert inference.disagreement_score(u, margin=1) == pytest.approx(10 * (0 + 1 + 2 + 4 + 5 + 6) / 6)
+    with pytest.raises(ValueError, match="which"):
+        inference.uncertainty_score(u, which="variance")

@@ -50,6 +50,8 @@ from .inference import (
     MODEL_NAMES,
     SoftmaxOutput,
     disagreement_score,
+    UNCERTAINTY_MAPS,
+    uncertainty_score,
     fast_inferer,
     field_inferer,
     field_overlap,

@@ -6,7 +6,8 @@
   batched windows).
 - :class:`SoftmaxOutput`, :func:`model_variants`: the ensemble and each network as models returning
   probabilities.
-- :func:`disagreement_score`: one uncertainty number per image from ``DualNet(output="uncertainty")``.
+- :func:`uncertainty_score` / :func:`disagreement_score`: one uncertainty number per image from
+  ``DualNet(output="uncertainty")``.
 - :func:`load_weights`: a trained model or a training checkpoint into a ``DualNet``.
 """
 
@@ -29,6 +30,8 @@ __all__ = [
     "protocol_inferer",
     "SoftmaxOutput",
     "disagreement_score",
+    "uncertainty_score",
+    "UNCERTAINTY_MAPS",
     "model_variants",
     "load_weights",
 ]
@@ -140,31 +143,44 @@ class SoftmaxOutput(nn.Module):
         return torch.softmax(self.net(x), dim=self.dim)
 
 
-def disagreement_score(uncertainty: torch.Tensor, margin: int = 3) -> float:
+UNCERTAINTY_MAPS = ("entropy", "disagreement")  # the channels after the C class probabilities
+
+
+def uncertainty_score(uncertainty: torch.Tensor, margin: int = 3, which: str = "disagreement") -> float:
     """
-    One number for how unsure a dual network is about an image: the mean disagreement ``D`` (symmetric
-    KL between the two networks, :func:`monai_dualssl.networks.ensemble_uncertainty`) over the region
-    ``R`` = predicted foreground (argmax of ``p`` > 0) dilated by ``margin`` voxels (a cube), or over the
-    whole image when nothing is predicted: ``score = sum_{v in R} D_v / |R|``.
+    One number for how unsure a dual network is about an image: the mean of one uncertainty map of
+    :func:`monai_dualssl.networks.ensemble_uncertainty` (``which``: ``"entropy"`` H of the mean softmax, or
+    ``"disagreement"`` D, the symmetric KL between the two networks) over the region ``R`` = predicted
+    foreground (argmax of ``p`` > 0) dilated by ``margin`` voxels (a cube), or over the whole image when
+    nothing is predicted: ``score = sum_{v in R} map_v / |R|``.
 
     Args:
         uncertainty: ``DualNet(output="uncertainty")`` output of one image, ``[1, C + 2, *spatial]``.
         margin: dilation of the predicted foreground, in voxels.
+        which: ``"entropy"`` or ``"disagreement"``.
 
     Raises:
-        ValueError: for a batch of more than one image or fewer than 4 channels.
+        ValueError: for a batch of more than one image, fewer than 4 channels or an unknown ``which``.
     """
     if uncertainty.dim() < 3 or uncertainty.shape[0] != 1 or uncertainty.shape[1] < 4:
         raise ValueError(f"expected an uncertainty map [1, C + 2, *spatial] with C >= 2, found {tuple(uncertainty.shape)}.")
+    if which not in UNCERTAINTY_MAPS:
+        raise ValueError(f"which must be one of {UNCERTAINTY_MAPS}, found {which!r}.")
     num_classes = uncertainty.shape[1] - 2
     region = (uncertainty[:, :num_classes].argmax(dim=1, keepdim=True) > 0).float()
     if margin > 0:
         pool = (None, F.max_pool1d, F.max_pool2d, F.max_pool3d)[region.dim() - 2]
         region = pool(region, 2 * margin + 1, stride=1, padding=margin)
-    disagreement = uncertainty[:, num_classes + 1 : num_classes + 2]
+    channel = num_classes + UNCERTAINTY_MAPS.index(which)
+    values = uncertainty[:, channel : channel + 1]
     if not bool(region.any()):
-        return float(disagreement.mean())
-    return float((disagreement * region).sum() / region.sum())
+        return float(values.mean())
+    return float((values * region).sum() / region.sum())
+
+
+def disagreement_score(uncertainty: torch.Tensor, margin: int = 3) -> float:
+    """:func:`uncertainty_score` of the disagreement map ``D`` (the MONAI Label app's "next image" score)."""
+    return uncertainty_score(uncertainty, margin, "disagreement")
 
 
 def model_variants(network: nn.Module, names: Sequence[str] = MODEL_NAMES) -> dict[str, nn.Module]:

@@ -1,0 +1,190 @@
+"""Does the dual network's uncertainty find its errors? Case scores against Dice, voxel maps against errors.
+
+For a trained bundle (the configs it was trained with, its ``model.pt``) and a labeled split (the
+validation cases of the datalist: for Left Atrium the last 16 ids of train.list), every case goes
+through the inferer of an evaluation protocol with ``DualNet(output="uncertainty")``, as
+``inference.json`` does, and gives:
+
+- per case: the ensemble's Dice (mean over foreground classes), the app's "next image" score
+  (:func:`monai_dualssl.disagreement_score`) and the same region mean of the entropy map
+  (:func:`monai_dualssl.uncertainty_score`); the Spearman correlation of each score with the Dice error
+  ``1 - Dice`` over the cases;
+- per voxel: the AUROC with which each map separates misclassified voxels from correct ones, within the
+  predicted and true foreground dilated by ``--margin`` voxels (a cube), pooled over the cases. Maps:
+  the entropy ``H`` and the disagreement ``D`` that inference writes, and their sum ``H + D`` (both in
+  nats).
+
+Writes ``<output>.json`` and ``<output>.png`` (the scores against Dice; the fraction of misclassified
+voxels per decile of each map) and, with ``--montage``, the case with the lowest Dice (image, error,
+entropy and disagreement on its middle slice: it shows the data, so it is not written by default).
+
+    python benchmarks/uncertainty_quality.py --dataset_dir /data/la2018 \\
+        [--config bundle/configs/train.yaml bundle/configs/la.yaml bundle/configs/la_cpu.yaml] \\
+        [--ckpt bundle/models/model.pt] [--protocol fast] [--output bundle/docs/results/uncertainty_la]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+from scipy import ndimage
+from scipy.stats import rankdata, spearmanr
+
+import monai_dualssl
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIGS = ["bundle/configs/train.yaml", "bundle/configs/la.yaml", "bundle/configs/la_cpu.yaml"]
+MAPS = ("entropy", "disagreement", "entropy+disagreement")
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve of ``scores`` for the boolean ``positive`` (Mann-Whitney U, ties averaged)."""
+    n_pos = int(positive.sum())
+    n_neg = positive.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(scores)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def foreground_dice(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> float:
+    """Mean Dice over the foreground classes (1 when a class is absent from both)."""
+    values = []
+    for c in range(1, num_classes):
+        p, g = pred == c, gt == c
+        total = p.sum() + g.sum()
+        values.append(1.0 if total == 0 else 2.0 * np.logical_and(p, g).sum() / total)
+    return float(np.mean(values))
+
+
+def case_maps(u: torch.Tensor, label: torch.Tensor, margin: int) -> dict:
+    """Prediction, error and the maps of one case inside the region (foregrounds dilated by ``margin``)."""
+    num_classes = u.shape[1] - 2
+    pred = u[0, :num_classes].argmax(0).numpy()
+    gt = label[0, 0].numpy().astype(np.int64)
+    entropy, disagreement = u[0, num_classes].numpy(), u[0, num_classes + 1].numpy()
+    region = ndimage.binary_dilation((pred > 0) | (gt > 0), np.ones((3,) * pred.ndim, bool), iterations=margin)
+    maps = {"entropy": entropy, "disagreement": disagreement, "entropy+disagreement": entropy + disagreement}
+    return {"pred": pred, "gt": gt, "region": region, "error": (pred != gt)[region],
+            "maps": {k: v[region] for k, v in maps.items()}, "full": {"entropy": entropy, "disagreement": disagreement},
+            "dice": foreground_dice(pred, gt, num_classes),
+            "scores": {w: monai_dualssl.uncertainty_score(u, which=w) for w in monai_dualssl.UNCERTAINTY_MAPS}}
+
+
+def error_by_decile(values: np.ndarray, error: np.ndarray) -> list[float]:
+    """Fraction of misclassified voxels in each tenth of the voxels ordered by ``values``."""
+    order = np.argsort(values, kind="stable")
+    return [float(part.mean()) for part in np.array_split(error[order], 10)]
+
+
+def figure(rows: list[dict], deciles: dict, path: Path) -> None:
+    """Scores against Dice (one point a case) and the error rate per uncertainty decile of each map."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    dice = [100 * r["dice"] for r in rows]
+    for ax, which in zip(axes[:2], monai_dualssl.UNCERTAINTY_MAPS):
+        ax.scatter([r["scores"][which] for r in rows], dice)
+        ax.set_xlabel(f"{which} score (region mean)")
+        ax.set_ylabel("Dice %")
+    for m, rates in deciles.items():
+        axes[2].plot(range(1, 11), [100 * r for r in rates], marker="o", label=m)
+    axes[2].set_xlabel("voxel decile of the map (1 = most certain)")
+    axes[2].set_ylabel("misclassified voxels %")
+    axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def montage(case: dict, path: Path) -> None:
+    """The image, the error and both maps of one case on its middle slice."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    z = case["gt"].shape[-1] // 2
+    panels = [("image", case["image"][..., z], "gray"), ("error (pred != label)", (case["pred"] != case["gt"])[..., z], "Reds"),
+              ("entropy", case["full"]["entropy"][..., z], "magma"), ("disagreement", case["full"]["disagreement"][..., z], "magma")]
+    fig, axes = plt.subplots(1, 4, figsize=(14, 4))
+    for ax, (title, img, cmap) in zip(axes, panels):
+        ax.imshow(np.rot90(img), cmap=cmap)
+        ax.set_title(f"{title}\n{case['case']} (Dice {100 * case['dice']:.1f} %)", fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset_dir", default=os.environ.get("LA2018_DIR"), help="the dataset folder of the configs")
+    parser.add_argument("--config", nargs="+", default=DEFAULT_CONFIGS, help="the bundle configs the model was trained with")
+    parser.add_argument("--ckpt", default="bundle/models/model.pt")
+    parser.add_argument("--protocol", default="fast", choices=["fast", "field"])
+    parser.add_argument("--margin", type=int, default=5, help="dilation of the foregrounds for the voxel AUROC")
+    parser.add_argument("--num_cases", type=int, default=None, help="the first N validation cases (default: all)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--output", default="bundle/docs/results/uncertainty_la", help="<output>.json and <output>.png")
+    parser.add_argument("--montage", default=None, help="also write this PNG: the lowest-Dice case's image, error and maps "
+                        "(it shows the data: keep it out of the repository if the data may not be shared)")
+    args = parser.parse_args()
+    monai_dualssl.set_num_threads(args.threads)
+    config = ConfigParser()
+    config.read_config([str(REPO / c) for c in args.config] + [str(REPO / "bundle/configs/evaluate.yaml")])
+    config.update({"bundle_root": str(REPO / "bundle"), "dataset_dir": args.dataset_dir, "protocol": args.protocol,
+                   "device": "$torch.device('cpu')", "synthetic": False})
+    network = monai_dualssl.load_weights(config.get_parsed_content("network_def"), REPO / args.ckpt).eval()
+    network.output = "uncertainty"
+    inferer = config.get_parsed_content("inferer")
+    dataset = config.get_parsed_content("dataset")
+    count = len(dataset) if args.num_cases is None else min(args.num_cases, len(dataset))
+    rows, pooled, worst = [], {"error": [], **{m: [] for m in MAPS}}, None
+    start = time.perf_counter()
+    for i in range(count):
+        item = dataset[i]
+        with torch.no_grad():
+            u = inferer(item["image"].as_tensor()[None], network).float()
+        case = case_maps(u, item["label"].as_tensor()[None], args.margin)
+        name = Path(item["image"].meta["filename_or_obj"]).parent.name
+        rows.append({"case": name, "dice": case["dice"], "scores": case["scores"],
+                     "region_voxels": int(case["region"].sum()), "errors": int(case["error"].sum())})
+        pooled["error"].append(case["error"])
+        for m in MAPS:
+            pooled[m].append(case["maps"][m])
+        if worst is None or case["dice"] < worst["dice"]:
+            worst = {**case, "case": name, "image": item["image"][0].numpy()}
+        print(f"{name}: Dice {100 * case['dice']:.2f}  " + "  ".join(f"{k} {v:.4f}" for k, v in case["scores"].items()), flush=True)
+    error = np.concatenate(pooled["error"])
+    result = {
+        "command": "python benchmarks/uncertainty_quality.py " + " ".join(
+            f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()
+            if v is not None and k != "dataset_dir") + " --dataset_dir <dataset_dir>",
+        "cases": rows,
+        "spearman_with_dice_error": {w: float(spearmanr([r["scores"][w] for r in rows], [1 - r["dice"] for r in rows])[0])
+                                     for w in monai_dualssl.UNCERTAINTY_MAPS},
+        "voxel_auroc": {m: auroc(np.concatenate(pooled[m]), error) for m in MAPS},
+        "misclassified_by_decile": {m: error_by_decile(np.concatenate(pooled[m]), error) for m in MAPS},
+        "voxels": int(error.size), "misclassified": int(error.sum()), "margin": args.margin, "protocol": args.protocol,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    out = REPO / args.output
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    figure(rows, result["misclassified_by_decile"], out.with_suffix(".png"))
+    if args.montage:
+        montage(worst, Path(args.montage))
+    print(json.dumps({k: result[k] for k in ("spearman_with_dice_error", "voxel_auroc", "voxels", "misclassified")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
