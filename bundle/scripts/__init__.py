@@ -60,8 +60,11 @@ from .inference import (
     protocol_inferer,
 )
 from .metrics import (
+    CLASS_MEAN,
+    CLASS_MEAN_RULE,
     METRIC_KEYS,
     binary_metrics,
+    class_mean_rows,
     keep_largest_component,
     segmentation_metrics,
     summarize,

@@ -23,7 +23,16 @@ from tqdm import tqdm
 
 from .inference import MODEL_NAMES, model_variants
 from .labels import class_names
-from .metrics import EMPTY_RULE, METRIC_KEYS, METRIC_NOTES, keep_largest_component, segmentation_metrics, summarize
+from .metrics import (
+    CLASS_MEAN,
+    CLASS_MEAN_RULE,
+    EMPTY_RULE,
+    METRIC_KEYS,
+    METRIC_NOTES,
+    keep_largest_component,
+    segmentation_metrics,
+    summarize,
+)
 
 __all__ = ["evaluate"]
 
@@ -122,11 +131,14 @@ def _markdown(summary: Mapping) -> str:
     for model, posts in summary["metrics"].items():
         for post, classes in posts.items():
             for cls, e in classes.items():
-                cls = summary.get("class_names", {}).get(cls, cls)
+                n = len(classes) - 1
+                cls = f"mean of {n}" if cls == CLASS_MEAN else summary.get("class_names", {}).get(cls, cls)
                 cells = [_fmt(e["dice"], 100), _fmt(e["jaccard"], 100)] + [_fmt(e[k]) for k in METRIC_KEYS[2:]]
                 lines.append(f"| {model} | {post} | {cls} | {e['n_cases']} | {e['n_empty_pred']} | "
                              + " | ".join(cells) + f" | {summary['seconds_per_volume'][model]:.2f} |")
     lines += ["", "Mean ± standard deviation (ddof=0) over cases. " + EMPTY_RULE, ""]
+    if any(CLASS_MEAN in classes for posts in summary["metrics"].values() for classes in posts.values()):
+        lines[-1:-1] = ["", f"'mean of n' rows: {CLASS_MEAN_RULE}"]
     return "\n".join(lines)
 
 
@@ -173,7 +185,9 @@ def evaluate(
 
     Every case is predicted with ``inferer`` (see :func:`field_inferer`, :func:`fast_inferer`), argmax
     over the averaged probabilities, then scored (:func:`segmentation_metrics`) as predicted
-    (``postprocessing="none"``) and after :func:`keep_largest_component` (``"lcc"``). Metrics are
+    (``postprocessing="none"``) and after :func:`keep_largest_component` (``"lcc"``, per class). With
+    several foreground classes the summary also holds their mean (class ``"mean"``, the summary's
+    ``class_mean`` says how it is taken; ``metrics.csv`` keeps the per-class rows). Metrics are
     computed on the preprocessed grid of the loader (after any resampling); the millimetre spacing
     is read from each preprocessed image's affine. Inference time per volume (argmax and
     metrics excluded) is measured with ``time.perf_counter``.
@@ -249,5 +263,7 @@ def evaluate(
         "class_names": {str(c): n for c, n in names.items() if c > 0},
         "metrics": summarize(rows),
     }
+    if len({r["class"] for r in rows}) > 1:  # several foreground classes: the summary has their mean
+        summary["class_mean"] = CLASS_MEAN_RULE
     _write(Path(output_dir), rows, summary)
     return summary

@@ -5,7 +5,8 @@
   use), in voxels and in millimetres, plus MONAI's symmetric average surface distance in millimetres.
   Empty masks give NaN distances and are counted, not scored 0 (:data:`EMPTY_RULE`).
 - :func:`keep_largest_component`: largest-connected-component post-processing.
-- :func:`summarize`: mean and standard deviation of every metric over cases.
+- :func:`summarize`: mean and standard deviation of every metric over cases, per class and, with several
+  foreground classes, for the mean over classes (:data:`CLASS_MEAN_RULE`).
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ from scipy import ndimage
 
 __all__ = [
     "METRIC_KEYS",
+    "CLASS_MEAN",
+    "CLASS_MEAN_RULE",
     "surface_voxels",
     "surface_distances",
     "binary_metrics",
     "segmentation_metrics",
     "keep_largest_component",
+    "class_mean_rows",
     "summarize",
 ]
 
@@ -35,6 +39,14 @@ EMPTY_RULE = (
     "are over the cases with both masks non-empty, and the number of empty predictions is reported. "
     "(The field's released evaluation code scores 0 for every metric on an empty prediction, which makes "
     "distances look better; this evaluation does not.)"
+)
+#: the class key of the mean over foreground classes in :func:`summarize`
+CLASS_MEAN = "mean"
+CLASS_MEAN_RULE = (
+    "With several foreground classes, 'mean' is the mean over the classes per case, then summarised over cases "
+    "as a class is: Dice and Jaccard average every class; a distance is averaged only for a case where it is "
+    "defined for every class (else that case is left out of the distance's mean and std, as an empty mask is "
+    "for one class); n_empty_pred / n_empty_gt count the cases with an empty mask in any class."
 )
 METRIC_NOTES = {
     "dice": "2 |intersection| / (|P| + |G|), a fraction",
@@ -204,17 +216,40 @@ def _stats(values: Iterable[float]) -> dict:
     return {"mean": float(v.mean()), "std": float(v.std()), "n": int(v.size)}
 
 
-def summarize(rows: Sequence[Mapping]) -> dict:
+def class_mean_rows(rows: Sequence[Mapping]) -> list[dict]:
     """
-    Mean and (population, ``ddof=0``) standard deviation of every metric over cases, per model,
-    post-processing and class, ignoring NaN (empty-mask) distances.
-
-    Returns:
-        ``{model: {postprocessing: {class: {"n_cases", "n_empty_pred", "n_empty_gt", metric: {"mean", "std", "n"}}}}}``
-        (class as a string, JSON style).
+    Per case, model and post-processing with more than one foreground class, a row of class
+    :data:`CLASS_MEAN`: the mean of every metric over the classes (:data:`CLASS_MEAN_RULE`; a distance is
+    NaN unless every class has one), ``empty_pred`` / ``empty_gt`` true when any class's mask is empty.
+    Rows without a ``case`` key give none.
     """
     groups: dict[tuple, list[Mapping]] = {}
     for r in rows:
+        if "case" in r and str(r["class"]) != CLASS_MEAN:
+            groups.setdefault((r["model"], r["postprocessing"], r["case"]), []).append(r)
+    out = []
+    for (model, post, case), rs in groups.items():
+        if len({str(r["class"]) for r in rs}) < 2:
+            continue
+        row = {"case": case, "model": model, "postprocessing": post, "class": CLASS_MEAN,
+               "empty_pred": any(bool(r["empty_pred"]) for r in rs), "empty_gt": any(bool(r["empty_gt"]) for r in rs)}
+        row.update({k: float(np.mean([float(r[k]) for r in rs])) for k in METRIC_KEYS})  # NaN if any class's is
+        out.append(row)
+    return out
+
+
+def summarize(rows: Sequence[Mapping]) -> dict:
+    """
+    Mean and (population, ``ddof=0``) standard deviation of every metric over cases, per model,
+    post-processing and class, ignoring NaN (empty-mask) distances. With more than one foreground class
+    (and a ``case`` key in the rows), the class :data:`CLASS_MEAN` summarises :func:`class_mean_rows`.
+
+    Returns:
+        ``{model: {postprocessing: {class: {"n_cases", "n_empty_pred", "n_empty_gt", metric: {"mean", "std", "n"}}}}}``
+        (class as a string, JSON style; ``"mean"`` after the classes).
+    """
+    groups: dict[tuple, list[Mapping]] = {}
+    for r in [*rows, *class_mean_rows(rows)]:
         groups.setdefault((r["model"], r["postprocessing"], str(r["class"])), []).append(r)
     out: dict = {}
     for (model, post, cls), rs in groups.items():

@@ -73,8 +73,10 @@ def save_montage(
     """
     Save a PNG montage of ``num_slices`` axial slices (the last spatial axis) chosen evenly among the
     slices that hold foreground in ``pred`` or ``label``. The first row shows the image with the
-    prediction as a translucent overlay (red, one colour per class) and the ground truth as a
-    contour (green), with a legend naming each class by ``label_names``; the second row, when
+    prediction as a translucent overlay (one colour per class: red, blue, gold, ... for 1, 2, 3, ...) and
+    the ground truth as contours (green for a single class; with several classes each class's contour in
+    its own colour, so touching structures stay apart), with a legend naming each class by
+    ``label_names``; the second row, when
     ``uncertainty`` is given, shows the uncertainty as a heat map over the image with a colour bar.
 
     Slices are drawn with the first array axis horizontal and the second vertical (origin at the
@@ -118,6 +120,7 @@ def save_montage(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
+    from matplotlib.legend_handler import HandlerTuple
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
@@ -128,6 +131,10 @@ def save_montage(
     axes = np.asarray(fig.subplots(rows, len(slices), squeeze=False))
     lo, hi = (float(v) for v in np.percentile(img, (0.5, 99.5)))
     n_classes = int(max(seg.max(), 0 if gt is None else gt.max(), 1))
+    present = {int(c) for c in np.unique(seg) if c > 0} | ({int(c) for c in np.unique(gt) if c > 0} if gt is not None else set())
+    shown = sorted((set(names) - {0}) | present)
+    colour_of = lambda c: CLASS_COLOURS[(c - 1) % len(CLASS_COLOURS)]  # noqa: E731
+    truth_colour = colour_of if len(shown) > 1 else (lambda c: "lime")  # several classes: each its own contour colour
     colours = ListedColormap(CLASS_COLOURS)
     u_max = float(unc.max()) if unc is not None and unc.max() > 0 else 1.0
     heat = None
@@ -135,12 +142,14 @@ def save_montage(
         ax = axes[0, j]
         ax.imshow(img[..., z].T, cmap="gray", vmin=lo, vmax=hi, origin="lower")
         s = seg[..., z].T
-        ax.imshow(np.ma.masked_where(s <= 0, s - 1), cmap=colours, vmin=0, vmax=7, alpha=0.4, origin="lower")
+        fill = np.ma.masked_where(s <= 0, (s.astype(np.int64) - 1) % len(CLASS_COLOURS))
+        ax.imshow(fill, cmap=colours, vmin=0, vmax=len(CLASS_COLOURS) - 1, alpha=0.4, origin="lower")
         if gt is not None:
             g = gt[..., z].T
             for c in range(1, n_classes + 1):
                 if (g == c).any():
-                    ax.contour((g == c).astype(float), levels=[0.5], colors="lime", linewidths=1.0, origin="lower")
+                    ax.contour((g == c).astype(float), levels=[0.5], colors=[truth_colour(c)], linewidths=1.0,
+                               origin="lower")
         ax.set_title(f"slice {z}", fontsize=9)
         if unc is not None:
             ax_u = axes[1, j]
@@ -149,14 +158,16 @@ def save_montage(
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    present = {int(c) for c in np.unique(seg) if c > 0} | ({int(c) for c in np.unique(gt) if c > 0} if gt is not None else set())
-    legend = [Patch(facecolor=CLASS_COLOURS[(c - 1) % len(CLASS_COLOURS)], alpha=0.6, label=names.get(c, f"class {c}"))
-              for c in sorted((set(names) - {0}) | present)]
-    if gt is not None:
-        legend.append(Line2D([], [], color="lime", lw=1.0, label="ground truth"))
-    if legend:
-        axes[0, -1].legend(handles=legend, loc="upper right", fontsize=7, framealpha=0.7)
-    axes[0, 0].set_ylabel("prediction (fill)" + (", truth (green)" if gt is not None else ""), fontsize=9)
+    handles: list = [Patch(facecolor=colour_of(c), alpha=0.6) for c in shown]
+    labels = [names.get(c, f"class {c}") for c in shown]
+    if gt is not None:  # one short line per contour colour
+        handles.append(tuple(Line2D([], [], color=colour, lw=1.0) for colour in dict.fromkeys(map(truth_colour, shown or [1]))))
+        labels.append("ground truth")
+    if handles:
+        axes[0, -1].legend(handles, labels, loc="upper right", fontsize=7, framealpha=0.7,
+                           handler_map={tuple: HandlerTuple(ndivide=None)})
+    truth = ", truth (green)" if len(shown) <= 1 else ", truth (contours)"
+    axes[0, 0].set_ylabel("prediction (fill)" + (truth if gt is not None else ""), fontsize=9)
     if unc is not None:
         axes[1, 0].set_ylabel(uncertainty_name, fontsize=9)
         fig.colorbar(heat, ax=list(axes[1]), shrink=0.8, label=uncertainty_name)
