@@ -105,14 +105,11 @@ def curves(run_dir: Path, epoch_length: int) -> dict[str, list[list[float]]]:
     return {tag: [[e.step * scale.get(tag, 1), round(e.value, 5)] for e in events.Scalars(tag)] for tag in CURVES if tag in tags}
 
 
-def one_run(config: str, labels: int, seed: int, dataset_dir: str, threads: int | None) -> dict:
-    """Train and evaluate one run (best and final checkpoints); write and return its record."""
-    name = run_name(config, labels, seed)
-    spec = RUNS[config]
+def train_and_evaluate(name: str, configs: list[str], overrides: dict, dataset_dir: str, threads: int | None) -> dict:
+    """Train run ``name`` (``bundle/runs/<name>``, resuming a killed run), evaluate its best and final
+    checkpoints; the record's common fields (commands, wall times, curves, both evaluations)."""
     run_dir = BUNDLE / "runs" / name
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    configs = CONFIGS + spec["configs"]
-    overrides = {**spec["overrides"], "num_labeled": LABELED[labels], "seed": seed}
     train = command("training", configs, dataset_dir, name, {**overrides, "resume": True})
     train_s = timed(train, run_dir / "logs" / "train.log", threads)
     evaluated = {}
@@ -127,16 +124,24 @@ def one_run(config: str, labels: int, seed: int, dataset_dir: str, threads: int 
     import torch
 
     final = torch.load(run_dir / "checkpoints" / "final.pt", map_location="cpu", weights_only=True)
-    record = {
-        "run": name, "config": config, "labels_percent": labels, "seed": seed, "configs": configs,
-        "overrides": overrides, "threads": threads,
+    return {
+        "run": name, "configs": configs, "overrides": overrides, "threads": threads,
         "train_command": "python " + " ".join(train[1:]).replace(dataset_dir, "<dataset_dir>"),
         "train_wall_seconds": round(train_s, 1), "iterations": int(final["trainer"]["iteration"]),
         "best_epoch": int(final["validation"]["best_metric_epoch"]),
         "curves": curves(run_dir, int(final["trainer"]["epoch_length"])),
         "evaluation": evaluated,
     }
-    (run_dir / "record.json").write_text(json.dumps(record, indent=2))
+
+
+def one_run(config: str, labels: int, seed: int, dataset_dir: str, threads: int | None) -> dict:
+    """Train and evaluate one run of the study (best and final checkpoints); write and return its record."""
+    name = run_name(config, labels, seed)
+    spec = RUNS[config]
+    overrides = {**spec["overrides"], "num_labeled": LABELED[labels], "seed": seed}
+    record = train_and_evaluate(name, CONFIGS + spec["configs"], overrides, dataset_dir, threads)
+    record = {"run": name, "config": config, "labels_percent": labels, "seed": seed, **record}
+    (BUNDLE / "runs" / name / "record.json").write_text(json.dumps(record, indent=2))
     return record
 
 

@@ -1,0 +1,192 @@
+"""Annotation rounds on Left Atrium: which 4 cases should be labeled next?
+
+The pool is the first 64 ids of train.list, validation the last 16 (every run). Round 1: the first 4
+ids labeled, the other 60 unlabeled, the full method with ``la_cpu.yaml``'s budget: this is the
+``full`` 5 % run of ``benchmarks/la_cpu.py`` (``bundle/runs/la_cpu_full_5pct_s<seed>``, trained here
+if missing). Its best model then picks 4 more cases of the 60 to "annotate" (their labels revealed):
+
+- ``disagreement``: the highest :func:`monai_dualssl.disagreement_score` (the MONAI Label app's "next
+  image" score; fast protocol);
+- ``random``: 4 drawn at random (``numpy.random.default_rng(seed)``);
+- ``epistemic``: the highest MC-dropout entropy as MONAI Label's ``EpistemicScoring`` computes it
+  (the model in train mode, 10 sliding-window passes of the ensemble, softmax, the background channel
+  dropped, probabilities <= 0 set to 5e-5, per voxel ``sum_c -m_c log m_c`` of the mean ``m`` over the
+  passes, then the mean over the volume);
+- ``next_ids``: ids 5-8, the field's fixed split: round 2 is then the ``full`` 10 % run of la_cpu.py.
+
+Round 2 retrains from scratch (same budget and seed) with the 8 labeled cases first in a list file of
+its own (``--train_list``), the other 56 pool cases unlabeled, and is evaluated as the la_cpu study
+does (field protocol, best and final checkpoints). Each seed also draws the random choice. Resumable:
+a selection (``selection.json``) or a run (``record.json``) that exists is not redone.
+
+    python benchmarks/al_simulation.py --dataset_dir /data/la2018 --threads 1 --plan 0 &   # two at a time
+    python benchmarks/al_simulation.py --dataset_dir /data/la2018 --threads 1 --plan 1 &
+    python benchmarks/al_simulation.py --collect bundle/docs/results/al_simulation.json   # table, tests, figure
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import la_cpu  # noqa: E402
+
+STRATEGIES = ("disagreement", "random", "epistemic", "next_ids")
+POOL, VAL, ROUND1, PICK = 64, 16, 4, 4
+MC_SAMPLES = 10
+
+
+def run_dir(strategy: str, seed: int) -> Path:
+    return la_cpu.BUNDLE / "runs" / f"al_{strategy}_s{seed}"
+
+
+def epistemic_entropy(probs: list) -> float:
+    """MONAI Label's EpistemicScoring of ``probs`` (one ``[C, *spatial]`` array a pass)."""
+    stack = np.stack(probs)[:, 1:].astype(np.float32)
+    stack[stack <= 0] = 0.00005
+    mean = stack.mean(axis=0)
+    return float(np.nanmean((-mean * np.log(mean)).sum(axis=0)))
+
+
+def scores(strategy: str, seed: int, dataset_dir: str, candidates: list[str]) -> dict[str, float]:
+    """Score every candidate case with round 1's best model (higher: label it first)."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    import monai_dualssl
+
+    if strategy == "random":
+        return dict(zip(candidates, np.random.default_rng(seed).random(len(candidates)).tolist()))
+    config = ConfigParser()
+    config.read_config([str(la_cpu.REPO / c) for c in la_cpu.CONFIGS + ["bundle/configs/evaluate.yaml"]])
+    config.update({"bundle_root": str(la_cpu.BUNDLE), "dataset_dir": dataset_dir, "protocol": "fast",
+                   "device": "$torch.device('cpu')", "num_labeled": POOL, "num_val": VAL})
+    round1 = la_cpu.BUNDLE / "runs" / la_cpu.run_name("full", 5, seed) / "models" / "model.pt"
+    network = monai_dualssl.load_weights(config.get_parsed_content("network_def"), round1)
+    config["dataset#data"] = [item for item in config.get_parsed_content("datalist")["labeled"]
+                              if Path(item["image"]).parent.name in candidates]
+    dataset, inferer = config.get_parsed_content("dataset"), config.get_parsed_content("inferer")
+    torch.manual_seed(seed)
+    result = {}
+    for item in dataset:
+        case, image = Path(item["image"].meta["filename_or_obj"]).parent.name, item["image"].as_tensor()[None]
+        with torch.no_grad():
+            if strategy == "disagreement":
+                network.eval().output = "uncertainty"
+                result[case] = monai_dualssl.disagreement_score(inferer(image, network))
+            else:  # as EpistemicScoring: the whole model in train mode (dropout and batch statistics)
+                network.train().output = "logits"
+                result[case] = epistemic_entropy([torch.softmax(inferer(image, network), 1)[0].numpy() for _ in range(MC_SAMPLES)])
+        print(f"  {strategy} s{seed} {case}: {result[case]:.5f}", flush=True)
+    return result
+
+
+def select(strategy: str, seed: int, dataset_dir: str) -> list[str]:
+    """The 8 labeled ids of round 2 (round 1's 4, then the 4 picked), from ``selection.json`` if done."""
+    path = run_dir(strategy, seed) / "selection.json"
+    if path.is_file():
+        return json.loads(path.read_text())["labeled"]
+    ids = la_cpu_ids(dataset_dir)
+    candidates = ids[ROUND1:POOL]
+    score = scores(strategy, seed, dataset_dir, candidates)
+    picked = sorted(candidates, key=lambda c: -score[c])[:PICK]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"labeled": ids[:ROUND1] + picked, "picked": picked, "scores": score}, indent=2))
+    return ids[:ROUND1] + picked
+
+
+def la_cpu_ids(dataset_dir: str) -> list[str]:
+    return [line.strip() for line in (Path(dataset_dir) / "train.list").read_text().splitlines() if line.strip()]
+
+
+def round2(strategy: str, seed: int, dataset_dir: str, threads: int | None) -> dict:
+    """Round 1 (if missing), the selection, round 2 and its record."""
+    if not (la_cpu.BUNDLE / "runs" / la_cpu.run_name("full", 5, seed) / "record.json").is_file():
+        la_cpu.one_run("full", 5, seed, dataset_dir, threads)
+    if strategy == "next_ids":  # the first 8 ids: the la_cpu study's full 10 % run
+        record_path = la_cpu.BUNDLE / "runs" / la_cpu.run_name("full", 10, seed) / "record.json"
+        record = json.loads(record_path.read_text()) if record_path.is_file() else la_cpu.one_run("full", 10, seed, dataset_dir, threads)
+        return {**record, "strategy": strategy, "labeled": la_cpu_ids(dataset_dir)[:8]}
+    labeled = select(strategy, seed, dataset_dir)
+    ids = la_cpu_ids(dataset_dir)
+    order = labeled + [i for i in ids[:POOL] if i not in labeled] + ids[-VAL:]
+    folder = run_dir(strategy, seed)
+    (folder / "train.list").write_text("\n".join(order) + "\n")
+    overrides = {**la_cpu.RUNS["full"]["overrides"], "num_labeled": 8, "num_val": VAL, "seed": seed,
+                 "train_list": str(folder / "train.list")}
+    record = la_cpu.train_and_evaluate(folder.name, la_cpu.CONFIGS, overrides, dataset_dir, threads)
+    record = {**record, "strategy": strategy, "seed": seed, "labeled": labeled}
+    (folder / "record.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+def collect(output: Path) -> None:
+    """Validation Dice after round 2 per strategy (mean ± std over seeds) and Wilcoxon tests against random."""
+    import numpy as np
+    from scipy.stats import wilcoxon
+
+    records = {}
+    for strategy in STRATEGIES:
+        for seed in la_cpu.SEEDS:
+            path = (la_cpu.BUNDLE / "runs" / la_cpu.run_name("full", 10, seed) / "record.json" if strategy == "next_ids"
+                    else run_dir(strategy, seed) / "record.json")
+            if path.is_file():
+                records[(strategy, seed)] = json.loads(path.read_text())
+    rows, tests = [], []
+    for strategy in STRATEGIES:
+        for which in ("final", "best"):
+            dice = [la_cpu._foreground(r["evaluation"][which]["metrics"])["dice"]["mean"]
+                    for (s, _), r in records.items() if s == strategy]
+            if dice:
+                rows.append({"strategy": strategy, "checkpoint": which, "seeds": len(dice), "dice_mean": float(np.mean(dice)),
+                             "dice_std": float(np.std(dice, ddof=1)) if len(dice) > 1 else None, "per_seed": dice})
+            pairs = [(records[(strategy, s)], records[("random", s)]) for s in la_cpu.SEEDS
+                     if (strategy, s) in records and ("random", s) in records and strategy != "random"]
+            a = [r["evaluation"][which]["per_case_dice"][c] for r, q in pairs for c in sorted(r["evaluation"][which]["per_case_dice"])]
+            b = [q["evaluation"][which]["per_case_dice"][c] for r, q in pairs for c in sorted(r["evaluation"][which]["per_case_dice"])]
+            if len(a) >= 6:
+                tests.append({"strategy": strategy, "vs": "random", "checkpoint": which, "pairs": len(a),
+                              "mean_gain_dice_points": round(100 * float(np.mean(np.subtract(a, b))), 2),
+                              "wilcoxon_p": float(wilcoxon(a, b).pvalue)})
+    selections = {f"{s}_s{seed}": json.loads((run_dir(s, seed) / "selection.json").read_text())["picked"]
+                  for s in STRATEGIES for seed in la_cpu.SEEDS if (run_dir(s, seed) / "selection.json").is_file()}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps({"summary": rows, "tests": tests, "selections": selections,
+                                  "runs": [{**r, "curves": None} for r in records.values()]}, indent=2) + "\n")
+    for r in rows:
+        std = f" ± {100 * r['dice_std']:.2f}" if r["dice_std"] is not None else ""
+        print(f"{r['strategy']:13s} {r['checkpoint']:5s} seeds {r['seeds']}: Dice {100 * r['dice_mean']:.2f}{std}")
+    for t in tests:
+        print(f"{t['strategy']} vs random ({t['checkpoint']}): {t['mean_gain_dice_points']:+.2f} points, p = {t['wilcoxon_p']:.3g}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset_dir", default=os.environ.get("LA2018_DIR"), help="LA folder holding train.list")
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(la_cpu.SEEDS))
+    parser.add_argument("--plan", type=int, choices=(0, 1), help="every other run of the plan (two processes)")
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of each run")
+    parser.add_argument("--collect", type=Path, help="gather the finished runs into this JSON file")
+    args = parser.parse_args()
+    if args.collect:
+        collect(args.collect)
+        return
+    if not args.dataset_dir:
+        parser.error("--dataset_dir is required to train")
+    plan = [(s, seed) for seed in args.seeds for s in args.strategies]
+    for strategy, seed in plan if args.plan is None else plan[args.plan :: 2]:
+        if strategy != "next_ids" and (run_dir(strategy, seed) / "record.json").is_file():
+            continue
+        record = round2(strategy, seed, args.dataset_dir, args.threads)
+        print(json.dumps({"strategy": strategy, "seed": seed, "labeled": record["labeled"]}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""The annotation simulation's selection (benchmarks/al_simulation.py): MONAI Label's epistemic entropy by hand,
+the labeled set of round 2 and the resumable selection file."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import al_simulation  # noqa: E402
+import la_cpu  # noqa: E402
+
+
+def test_epistemic_entropy_by_hand():
+    # 2 passes, 2 classes, 2 voxels: background dropped; foreground means 0.5 and 0 (set to 5e-5)
+    passes = [np.array([[0.5, 1.0], [0.5, 0.0]]), np.array([[0.7, 1.0], [0.3, 0.0]])]
+    expected = (-0.4 * math.log(0.4) - 5e-5 * math.log(5e-5)) / 2
+    assert al_simulation.epistemic_entropy(passes) == pytest.approx(expected, rel=1e-5)
+
+
+def test_random_selection_keeps_round_one_and_picks_from_the_pool_once(tmp_path, monkeypatch):
+    ids = [f"case{i:02d}" for i in range(80)]
+    data = tmp_path / "la"
+    data.mkdir()
+    (data / "train.list").write_text("\n".join(ids) + "\n")
+    monkeypatch.setattr(la_cpu, "BUNDLE", tmp_path / "bundle")
+    labeled = al_simulation.select("random", 3, str(data))
+    assert labeled[:4] == ids[:4] and len(set(labeled)) == 8
+    assert all(c in ids[4:64] for c in labeled[4:])  # never a validation case (the last 16)
+    saved = json.loads((tmp_path / "bundle" / "runs" / "al_random_s3" / "selection.json").read_text())
+    assert saved["labeled"] == labeled and sorted(saved["scores"]) == sorted(ids[4:64])
+    # the 4 highest random scores were picked
+    assert sorted(saved["picked"]) == sorted(sorted(saved["scores"], key=saved["scores"].get)[-4:])
+    saved["labeled"] = ids[:8]  # a finished selection is read back, not drawn again
+    (tmp_path / "bundle" / "runs" / "al_random_s3" / "selection.json").write_text(json.dumps(saved))
+    assert al_simulation.select("random", 3, str(data)) == ids[:8]
+    assert al_simulation.select("random", 4, str(data)) != labeled  # the seed draws the choice
