@@ -119,3 +119,80 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(items):
     """Tests marked ``last`` (test_package.py: the package folder is unchanged) run after all the others."""
     items.sort(key=lambda item: item.get_closest_marker("last") is not None)
+
+
+# ---- ACDC (tests/test_acdc.py, tests/test_multiclass.py) --------------------------------------------
+
+
+def acdc_dir() -> Path:
+    """The real ACDC folder in the field's h5 layout (``ACDC_DIR`` or ``data/data/ACDC`` beside the repository)."""
+    return Path(os.environ.get("ACDC_DIR", REPO.parent / "data" / "data" / "ACDC"))
+
+
+def require_acdc() -> Path:
+    """The ACDC folder; skips when it is missing (ACDC is not part of the workplace's CI data)."""
+    root = acdc_dir()
+    if not all((root / f).is_file() for f in ("train.list", "val.list", "test.list")) or not (root / "data").is_dir():
+        pytest.skip(f"real ACDC data not found at {root} (set ACDC_DIR)")
+    return root
+
+
+def heart_label(shape: Sequence[int], seed: int = 0) -> np.ndarray:
+    """A 4-class ACDC-like label ``(slices, H, W)`` (uint8): per slice a left-ventricle disk (3) inside a
+    myocardium ring (2), a right-ventricle crescent (1) beside it; centre and radii vary with ``seed``, the
+    structures shrink toward the last slices (the apex), the first and last slices are empty."""
+    rng = np.random.default_rng(seed)
+    slices, h, w = shape
+    cy, cx = h / 2 + rng.uniform(-2, 2), w / 2 + rng.uniform(-2, 2)
+    r_lv = min(h, w) / 8 * rng.uniform(0.9, 1.1)
+    y, x = np.indices((h, w))
+    label = np.zeros(shape, np.uint8)
+    for s in range(1, slices - 1):
+        scale = 1.0 - 0.5 * s / slices
+        d = np.hypot(y - cy, x - cx)
+        rv = np.hypot(y - cy, x - (cx - 1.9 * r_lv * scale))
+        label[s][(rv < 1.3 * r_lv * scale) & (d >= 1.5 * r_lv * scale)] = 1
+        label[s][d < 1.5 * r_lv * scale] = 2
+        label[s][d < r_lv * scale] = 3
+    return label
+
+
+def heart_image(label: np.ndarray, seed: int = 0) -> np.ndarray:
+    """An image for :func:`heart_label`: bright blood pools (1, 3), dark myocardium (2), noise; float32
+    min-max normalised to [0, 1] per volume as the field's h5 files are."""
+    rng = np.random.default_rng(seed)
+    image = np.choose(label, [0.3, 0.9, 0.1, 1.0]) + rng.normal(0, 0.05, label.shape)
+    return ((image - image.min()) / (image.max() - image.min())).astype(np.float32)
+
+
+def write_fake_acdc(
+    root: Path,
+    train: Sequence[str] = ("p1_frame01", "p1_frame02", "p2_frame01", "p2_frame02", "p3_frame01", "p3_frame02"),
+    val: Sequence[str] = ("p4_frame01", "p4_frame02"),
+    test: Sequence[str] = ("p5_frame01", "p5_frame02"),
+    shape: Sequence[int] = (40, 36),
+    slices: Sequence[int] = (12, 6, 11, 7, 8, 9, 10, 6, 9, 7),
+    seed: int = 0,
+) -> Path:
+    """An ACDC folder of the field's h5 layout with generated hearts (:func:`heart_label`): ``train.list``,
+    ``val.list``, ``test.list``; ``data/<id>_slice_<N>.h5`` (N from 1) for the train cases, written in a
+    shuffled order, and whole volumes ``data/<id>.h5`` ``(slices, H, W)`` for the others. Case ``i`` has
+    ``slices[i]`` slices (ids in train, val, test order)."""
+    data = root / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    import h5py
+
+    for i, case in enumerate([*train, *val, *test]):
+        label = heart_label((slices[i % len(slices)], *shape), seed=seed + i)
+        image = heart_image(label, seed=seed + i)
+        if case in train:
+            for n in rng.permutation(len(label)):
+                with h5py.File(data / f"{case}_slice_{n + 1}.h5", "w") as f:
+                    f["image"], f["label"] = image[n], label[n]
+        else:
+            with h5py.File(data / f"{case}.h5", "w") as f:
+                f["image"], f["label"] = image, label
+    for name, ids in (("train.list", train), ("val.list", val), ("test.list", test)):
+        (root / name).write_text("".join(f"{i}\n" for i in ids))
+    return root

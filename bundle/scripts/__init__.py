@@ -11,8 +11,8 @@ which needs ``monailabel``) is imported on its own.
 from .config import ConfigError, RunConfig, as_bool, check_config, check_run_folder, running_parser
 
 # data: readers, datalists, the synthetic demo dataset, the checks before training and inference
-from .readers import H5Reader
-from .datalists import build_datalist, folder_datalist, la_datalist, msd_datalist
+from .readers import H5Reader, is_slice_pattern, slice_files
+from .datalists import acdc_datalist, build_datalist, folder_datalist, la_datalist, msd_datalist, split_items
 from .synthetic import make_synthetic_dataset
 from .preflight import DataError, check_inputs, preflight, raise_failed_inputs, unlabeled_items
 

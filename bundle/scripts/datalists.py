@@ -1,8 +1,10 @@
 """Datalists: the labeled, unlabeled and validation splits of a dataset, from its layout on disk.
 
-- :func:`la_datalist`, :func:`msd_datalist`, :func:`folder_datalist` and the dispatching
-  :func:`build_datalist`: ``{"labeled": [...], "unlabeled": [...], "validation": [...]}`` of
-  MONAI item dicts, the three splits checked to be disjoint (``num_labeled`` / ``num_val`` choose them).
+- :func:`la_datalist`, :func:`acdc_datalist`, :func:`msd_datalist`, :func:`folder_datalist` and the
+  dispatching :func:`build_datalist`: ``{"labeled": [...], "unlabeled": [...], "validation": [...]}`` of
+  MONAI item dicts (plus ``"test"`` where the layout names test cases), the splits checked to be disjoint
+  (``num_labeled`` / ``num_val`` choose them).
+- :func:`split_items`: one split of a datalist by name (what ``evaluate.yaml`` scores: ``eval_split``).
 """
 
 from __future__ import annotations
@@ -12,9 +14,13 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["la_datalist", "msd_datalist", "folder_datalist", "build_datalist"]
+from .readers import SLICE_WILDCARD, slice_files
+
+__all__ = ["la_datalist", "acdc_datalist", "msd_datalist", "folder_datalist", "build_datalist", "split_items"]
 
 SPLITS = ("labeled", "unlabeled", "validation")
+#: held-out splits some layouts add (ACDC's test.list); never trained on, checked disjoint from the others
+EXTRA_SPLITS = ("test",)
 
 
 def _case_names(paths: Sequence[str]) -> dict[str, str]:
@@ -29,7 +35,7 @@ def _case_names(paths: Sequence[str]) -> dict[str, str]:
 def _overlaps(datalist: Mapping[str, Sequence[Mapping]], image_key: str = "image") -> list[str]:
     """One message per image that appears in more than one split."""
     splits_of: dict[str, list[str]] = {}
-    for split in SPLITS:
+    for split in SPLITS + EXTRA_SPLITS:
         for item in datalist.get(split, []):
             if image_key in item:
                 splits_of.setdefault(os.path.abspath(item[image_key]), []).append(split)
@@ -42,7 +48,7 @@ def _checked(datalist: dict[str, list[dict]]) -> dict[str, list[dict]]:
     """Return ``datalist`` after checking that its splits are pairwise disjoint."""
     overlaps = _overlaps(datalist)
     if overlaps:
-        raise ValueError("labeled, unlabeled and validation cases must be disjoint: " + "; ".join(overlaps) + ".")
+        raise ValueError("labeled, unlabeled, validation and test cases must be disjoint: " + "; ".join(overlaps) + ".")
     return datalist
 
 
@@ -110,6 +116,94 @@ def la_datalist(
         labeled, unlabeled, _ = _split(items, num_labeled, 0, str(root / list_file))
         validation = items_of(_read_ids(root / val_list))
     return _checked({"labeled": labeled, "unlabeled": unlabeled, "validation": validation})
+
+
+def acdc_datalist(
+    root: str | os.PathLike,
+    num_labeled: int | None = 14,
+    num_val: int | None = 0,
+    list_file: str = "train.list",
+    val_list: str | None = "val.list",
+    test_list: str | None = "test.list",
+    data_dir: str = "data",
+) -> dict[str, list[dict]]:
+    """
+    Datalist of the ACDC h5 layout of the field's semi-supervised repositories (SSL4MIS and successors):
+    case ids in ``root/train.list``, ``root/val.list`` and ``root/test.list``; a case is the whole volume
+    ``root/data/<id>.h5`` when it exists, else the slice pattern ``root/data/<id>_slice_*.h5`` (a volume
+    stored as 2-D slice files, stacked in numeric order of N by :class:`~monai_dualssl.readers.H5Reader`).
+    The first ``num_labeled`` ids of ``list_file`` are labeled, the others unlabeled; the ids of ``val_list``
+    validate (or, with ``val_list=None``, the last ``num_val`` ids of ``list_file``), and the ids of
+    ``test_list`` form the ``"test"`` split (for evaluation only, ``eval_split: test``). Image and label are
+    the same file(s): read them with ``H5Reader(dataset="image")`` and ``H5Reader(dataset="label")``.
+
+    Args:
+        root: dataset folder.
+        num_labeled: number of labeled cases (None: every case of ``list_file`` not used for validation).
+        num_val: with ``val_list=None``, the number of validation cases taken from the end of ``list_file``
+            (ignored otherwise).
+        list_file: file of training case ids, one per line, relative to ``root``.
+        val_list: file of validation case ids relative to ``root``, or None.
+        test_list: file of test case ids relative to ``root``, or None (no ``"test"`` split).
+        data_dir: folder of the h5 files, relative to ``root``.
+
+    Raises:
+        FileNotFoundError: a list file is missing, or listed cases have neither a volume file nor slice
+            files (named).
+        ValueError: bad counts, or splits overlap. (Slice files numbered with gaps or twice are left to
+            :func:`~monai_dualssl.preflight`, which reports every such case at once.)
+    """
+    root = Path(root)
+    case_dir = root / data_dir
+
+    def path_of(case: str) -> str | None:
+        volume = case_dir / f"{case}.h5"
+        if volume.is_file():
+            return str(volume)
+        pattern = case_dir / f"{case}_slice_{SLICE_WILDCARD}.h5"
+        try:
+            return str(pattern) if slice_files(pattern) else None
+        except ValueError:  # slice files numbered with gaps or twice: preflight names every such case
+            return str(pattern)
+
+    def items_of(ids: list[str]) -> list[dict]:
+        paths = {i: path_of(i) for i in ids}
+        missing = [f"'{i}'" for i, p in paths.items() if p is None]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} listed case(s) have neither {case_dir}/<id>.h5 nor {case_dir}/<id>_slice_<N>.h5 "
+                f"files: {', '.join(missing[:10])}."
+            )
+        return [{"image": p, "label": p} for p in paths.values()]
+
+    items = items_of(_read_ids(root / list_file))
+    if val_list is None:
+        labeled, unlabeled, validation = _split(items, num_labeled, num_val, str(root / list_file))
+    else:
+        labeled, unlabeled, _ = _split(items, num_labeled, 0, str(root / list_file))
+        validation = items_of(_read_ids(root / val_list))
+    datalist = {"labeled": labeled, "unlabeled": unlabeled, "validation": validation}
+    if test_list is not None:
+        datalist["test"] = items_of(_read_ids(root / test_list))
+    return _checked(datalist)
+
+
+def split_items(datalist: Mapping[str, Sequence[Mapping]], split: str) -> list:
+    """
+    The items of one split of ``datalist`` (``evaluate.yaml`` scores ``split_items(@datalist, @eval_split)``).
+
+    Raises:
+        ValueError: ``datalist`` has no split ``split`` (the splits it has are named), or it is empty.
+    """
+    if split not in datalist:
+        raise ValueError(
+            f"the datalist has no '{split}' split (it has: {', '.join(datalist)}); eval_split must be one of them "
+            "(a 'test' split comes from layouts that list test cases, e.g. ACDC's test.list)."
+        )
+    items = list(datalist[split])
+    if not items:
+        raise ValueError(f"the datalist's '{split}' split is empty; nothing to evaluate.")
+    return items
 
 
 def _resolve(item: Mapping | str, base: Path) -> dict:
@@ -216,9 +310,10 @@ def folder_datalist(
 
 def build_datalist(source: str | os.PathLike, **kwargs) -> dict[str, list[dict]]:
     """
-    Build a datalist from whatever ``source`` is: a folder with ``train.list`` (:func:`la_datalist`),
-    a ``.json`` file or a folder with ``dataset.json`` (:func:`msd_datalist`), or a folder with
-    ``imagesTr/`` and ``labelsTr/`` (:func:`folder_datalist`). ``kwargs`` go to that builder.
+    Build a datalist from whatever ``source`` is: a folder with ``train.list`` and a ``data/`` folder of h5
+    files (ACDC, :func:`acdc_datalist`), another folder with ``train.list`` (:func:`la_datalist`), a ``.json``
+    file or a folder with ``dataset.json`` (:func:`msd_datalist`), or a folder with ``imagesTr/`` and
+    ``labelsTr/`` (:func:`folder_datalist`). ``kwargs`` go to that builder.
 
     Raises:
         FileNotFoundError: ``source`` does not exist.
@@ -227,6 +322,8 @@ def build_datalist(source: str | os.PathLike, **kwargs) -> dict[str, list[dict]]
     source = Path(source)
     if not source.exists():
         raise FileNotFoundError(f"dataset source not found: {source}")
+    if (source / "train.list").is_file() and (source / "data").is_dir():
+        return acdc_datalist(source, **kwargs)
     if (source / "train.list").is_file():
         return la_datalist(source, **kwargs)
     if source.is_file() and source.suffix == ".json":
@@ -236,6 +333,7 @@ def build_datalist(source: str | os.PathLike, **kwargs) -> dict[str, list[dict]]
     if (source / "imagesTr").is_dir() and (source / "labelsTr").is_dir():
         return folder_datalist(source / "imagesTr", source / "labelsTr", **kwargs)
     raise ValueError(
-        f"cannot tell the dataset layout of {source}: expected a folder with train.list (h5 cases), a "
+        f"cannot tell the dataset layout of {source}: expected a folder with train.list (h5 cases: "
+        "<id>/mri_norm2.h5, or data/<id>.h5 and data/<id>_slice_<N>.h5 as ACDC), a "
         "dataset.json file or a folder holding one (MSD), or a folder with imagesTr/ and labelsTr/."
     )

@@ -17,7 +17,7 @@ from monai.data import ImageReader, MetaTensor
 from monai.transforms import LoadImage
 
 from .datalists import SPLITS, _case_names, _overlaps
-from .readers import H5Reader, _is_h5
+from .readers import H5Reader, _is_h5, is_slice_pattern, slice_files
 
 __all__ = ["DataError", "preflight", "check_inputs", "raise_failed_inputs", "unlabeled_items"]
 
@@ -49,14 +49,25 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
+def _missing(path: str) -> str | None:
+    """Why ``path`` (a file, DICOM folder or slice pattern) cannot be found, or None when it can."""
+    if not is_slice_pattern(path):
+        return None if os.path.exists(path) else f"file not found: {path}"
+    try:
+        return None if slice_files(path) else f"no slice file matches {path}"
+    except ValueError as e:
+        return str(e)
+
+
 def _read(item: Mapping, keys: Sequence[str], reader, ndim: int) -> tuple[dict, list[tuple[str, str]]]:
     """The files of ``keys`` in ``item`` loaded channel-first, and ``(key, problem)`` for each that could not be."""
     loaded, problems = {}, []
     for key in keys:
         if key not in item:
             continue
-        if not os.path.exists(item[key]):
-            problems.append((key, f"file not found: {item[key]}"))
+        missing = _missing(item[key])
+        if missing:
+            problems.append((key, missing))
             continue
         try:
             image = _load(item[key], key, reader)
@@ -207,8 +218,9 @@ def preflight(
 ) -> dict:
     """
     Check a datalist before training: ``patch_size`` is divisible by ``patch_divisor`` (checked first,
-    before any file is read); every file exists and loads with the reader training uses (h5:
-    ``H5Reader(dataset=key)``, else MONAI's choice by suffix) as a volume of ``len(patch_size)``
+    before any file is read); every file exists (a slice pattern: its slice files, numbered without gaps)
+    and loads with the reader training uses (``reader``; by default h5: ``H5Reader(dataset=key)``, else
+    MONAI's choice by suffix) as a volume of ``len(patch_size)``
     dimensions; after ``transform`` the image has ``in_channels`` channels and the label one;
     intensities are finite; image and label spatial shapes agree; labels are integers in
     ``[0, num_classes)``; there is a labeled case, every validation case has a label, the labeled

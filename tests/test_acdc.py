@@ -1,0 +1,287 @@
+"""ACDC in the field's h5 layout: slice files stacked into volumes, the datalist and its splits, the configs
+(acdc.yaml, acdc_cpu.yaml, eval_split), a tiny 4-class training and test-split evaluation on a generated folder,
+and the real folder when present (``ACDC_DIR``; skipped without it)."""
+
+import json
+import os
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.transforms import LoadImage
+
+from conftest import CONFIGS, TINY_NET, heart_label, require_acdc, tiny_overrides, write_fake_acdc
+from monai_dualssl import (
+    DataError,
+    H5Reader,
+    acdc_datalist,
+    build_datalist,
+    is_slice_pattern,
+    preflight,
+    slice_files,
+    split_items,
+)
+
+ACDC_CONFIGS = [str(CONFIGS / f) for f in ("train.yaml", "acdc.yaml", "acdc_cpu.yaml")]
+TRANSPOSE = (2, 1, 0)
+SPACING = (1.5, 1.5, 10.0)
+
+
+def readers(transpose=TRANSPOSE, spacing=SPACING) -> dict:
+    return {key: H5Reader(dataset=key, spacing=spacing, transpose=transpose) for key in ("image", "label")}
+
+
+def load(path, key="image", **kwargs):
+    return LoadImage(reader=H5Reader(dataset=key, **kwargs), image_only=True)(path)
+
+
+@pytest.fixture(scope="module")
+def fake_acdc(tmp_path_factory):
+    return write_fake_acdc(tmp_path_factory.mktemp("acdc"))
+
+
+# ---------------------------------------------------------------------------------------------- slice files
+
+
+def write_slices(folder, name, numbers, shape=(3, 4)):
+    """Slice files ``<name>_slice_<n>.h5`` whose image is filled with n (written in the given order)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in numbers:
+        with h5py.File(folder / f"{name}_slice_{n}.h5", "w") as f:
+            f["image"] = np.full(shape, n, np.float32)
+            f["label"] = np.full(shape, n % 4, np.uint8)
+
+
+def test_slice_files_in_numeric_order(tmp_path):
+    """slice_2 before slice_10 whatever order the files were written in; other files beside are not slices."""
+    write_slices(tmp_path, "case", [10, 3, 1, 12, 2, 11, 5, 4, 9, 6, 8, 7])
+    write_slices(tmp_path, "case_b", [1])            # 'case_b_slice_1.h5' does not match 'case_slice_*.h5'
+    (tmp_path / "case_slice_2_mask.h5").touch()     # '*' must be a number
+    (tmp_path / "case_slice_x.h5").touch()
+    files = slice_files(tmp_path / "case_slice_*.h5")
+    assert [os.path.basename(f) for f in files] == [f"case_slice_{n}.h5" for n in range(1, 13)]
+    assert slice_files(tmp_path / "other_slice_*.h5") == []
+    assert is_slice_pattern(tmp_path / "case_slice_*.h5") and not is_slice_pattern(tmp_path / "case.h5")
+
+
+def test_slice_files_errors(tmp_path):
+    write_slices(tmp_path, "gap", [1, 2, 4])
+    with pytest.raises(ValueError, match=r"slices 1\.\.4 found but \[3\] missing"):
+        slice_files(tmp_path / "gap_slice_*.h5")
+    write_slices(tmp_path, "twice", [1, 2])
+    shutil.copy(tmp_path / "twice_slice_2.h5", tmp_path / "twice_slice_02.h5")
+    with pytest.raises(ValueError, match="same slice number"):
+        slice_files(tmp_path / "twice_slice_*.h5")
+    with pytest.raises(ValueError, match="exactly one"):
+        slice_files(tmp_path / "a_*_slice_*.h5")
+
+
+def test_reader_stacks_slices_in_numeric_order_and_moves_the_slice_axis_last(tmp_path):
+    write_slices(tmp_path, "case", [10, 3, 1, 2, 11, 5, 4, 9, 6, 8, 7])
+    stacked = load(str(tmp_path / "case_slice_*.h5"))
+    assert stacked.shape == (11, 3, 4) and stacked[:, 0, 0].tolist() == list(range(1, 12))
+    moved = load(str(tmp_path / "case_slice_*.h5"), transpose=TRANSPOSE, spacing=SPACING)
+    assert moved.shape == (4, 3, 11) and moved[0, 0, :].tolist() == list(range(1, 12))
+    assert np.allclose(np.diag(moved.affine), [1.5, 1.5, 10.0, 1.0])
+    assert moved.meta["filename_or_obj"] == str(tmp_path / "case_slice_*.h5")
+    label = load(str(tmp_path / "case_slice_*.h5"), key="label", transpose=TRANSPOSE)
+    assert label.shape == (4, 3, 11) and label[0, 0, :].tolist() == [n % 4 for n in range(1, 12)]
+
+
+def test_stacked_slices_equal_the_volume_file(tmp_path):
+    """A volume written whole and as slice files reads the same, in the same axis order."""
+    label = heart_label((9, 20, 16), seed=4)
+    with h5py.File(tmp_path / "whole.h5", "w") as f:
+        f["label"] = label
+    for n in np.random.default_rng(0).permutation(9):
+        with h5py.File(tmp_path / f"split_slice_{n + 1}.h5", "w") as f:
+            f["label"] = label[n]
+    whole = load(str(tmp_path / "whole.h5"), key="label", transpose=TRANSPOSE)
+    split = load(str(tmp_path / "split_slice_*.h5"), key="label", transpose=TRANSPOSE)
+    assert whole.shape == split.shape == (16, 20, 9)
+    assert np.array_equal(np.asarray(whole), np.asarray(split))
+    assert np.array_equal(np.asarray(whole), label.transpose(2, 1, 0))
+
+
+def test_reader_errors(tmp_path):
+    write_slices(tmp_path, "case", [1, 2])
+    write_slices(tmp_path, "odd", [1], shape=(3, 4))
+    write_slices(tmp_path, "odd", [2], shape=(3, 5))
+    with pytest.raises(FileNotFoundError, match="no slice file matches"):
+        H5Reader().read(str(tmp_path / "none_slice_*.h5"))
+    reader = H5Reader()
+    with pytest.raises(ValueError, match=r"the slices differ in shape \(odd_slice_1.h5: \(3, 4\), odd_slice_2.h5: \(3, 5\)\)"):
+        reader.get_data(reader.read(str(tmp_path / "odd_slice_*.h5")))
+    with pytest.raises(ValueError, match="permutation"):
+        H5Reader(transpose=(0, 0, 1))
+    two_axes = H5Reader(transpose=(1, 0))
+    with pytest.raises(ValueError, match=r"expected 2 axes \(one per transpose entry \(1, 0\)\)"):
+        two_axes.get_data(two_axes.read(str(tmp_path / "case_slice_*.h5")))
+    files = reader.read([str(tmp_path / "case_slice_*.h5")])
+    reader.get_data(files)
+    assert all(not f.id.valid for f in files[0].files)  # every slice file closed
+
+
+# ---------------------------------------------------------------------------------------------- datalist
+
+
+def test_acdc_datalist_splits(fake_acdc):
+    d = acdc_datalist(fake_acdc, num_labeled=2)
+    assert {k: len(v) for k, v in d.items()} == {"labeled": 2, "unlabeled": 4, "validation": 2, "test": 2}
+    data = fake_acdc / "data"
+    assert d["labeled"] == [{"image": str(data / f"p1_frame0{i}_slice_*.h5"), "label": str(data / f"p1_frame0{i}_slice_*.h5")}
+                            for i in (1, 2)]
+    assert d["unlabeled"][0] == {"image": str(data / "p2_frame01_slice_*.h5")}  # no label
+    assert d["validation"] == [{"image": str(data / f"p4_frame0{i}.h5"), "label": str(data / f"p4_frame0{i}.h5")} for i in (1, 2)]
+    assert [item["image"] for item in d["test"]] == [str(data / "p5_frame01.h5"), str(data / "p5_frame02.h5")]
+    assert build_datalist(fake_acdc, num_labeled=2) == d  # the layout is recognised
+    # validation from the end of train.list instead of val.list, no test split
+    alt = acdc_datalist(fake_acdc, num_labeled=2, num_val=2, val_list=None, test_list=None)
+    assert [len(alt[k]) for k in ("labeled", "unlabeled", "validation")] == [2, 2, 2] and "test" not in alt
+    assert alt["validation"][0]["image"] == str(data / "p3_frame01_slice_*.h5")
+    assert len(acdc_datalist(fake_acdc, num_labeled=None)["labeled"]) == 6
+
+
+def test_acdc_datalist_errors(fake_acdc, tmp_path):
+    root = write_fake_acdc(tmp_path / "broken")
+    (root / "test.list").write_text("p5_frame01\nnope_frame01\n")
+    with pytest.raises(FileNotFoundError, match=r"1 listed case\(s\) have neither .*'nope_frame01'"):
+        acdc_datalist(root, num_labeled=2)
+    (root / "test.list").write_text("p1_frame01\n")  # a training case
+    with pytest.raises(ValueError, match=r"disjoint: case 'p1_frame01_slice_\*.h5' is in more than one split \(labeled, test\)"):
+        acdc_datalist(root, num_labeled=2)
+    with pytest.raises(FileNotFoundError, match="case list file not found"):
+        acdc_datalist(fake_acdc, num_labeled=2, val_list="missing.list")
+    with pytest.raises(ValueError, match="at most the 6 labeled cases"):
+        acdc_datalist(fake_acdc, num_labeled=7)
+    (root / "test.list").write_text("p5_frame01\n")
+    (root / "data" / "p2_frame01_slice_3.h5").unlink()  # a gap: listed, preflight names it (below)
+    assert acdc_datalist(root, num_labeled=2)["unlabeled"][0]["image"] == str(root / "data" / "p2_frame01_slice_*.h5")
+
+
+def test_split_items(fake_acdc):
+    d = acdc_datalist(fake_acdc, num_labeled=2)
+    assert split_items(d, "test") == d["test"] and split_items(d, "validation") == d["validation"]
+    with pytest.raises(ValueError, match="no 'test' split .*it has: labeled, unlabeled, validation"):
+        split_items({k: d[k] for k in ("labeled", "unlabeled", "validation")}, "test")
+    with pytest.raises(ValueError, match="'validation' split is empty"):
+        split_items({**d, "validation": []}, "validation")
+
+
+def test_preflight_reads_slice_stacks_with_the_config_readers(fake_acdc, tmp_path):
+    d = acdc_datalist(fake_acdc, num_labeled=2)
+    summary = preflight(d, num_classes=4, patch_size=(32, 32, 16), patch_divisor=16, reader=readers())
+    assert summary["label_values"] == [0, 1, 2, 3] and summary["min_shape"] == (36, 40, 6)
+    assert summary["max_shape"] == (36, 40, 12) and summary["labeled"] == 2
+    with pytest.raises(DataError, match="outside the declared classes 0..2"):
+        preflight(d, num_classes=3, patch_size=(32, 32, 16), reader=readers())
+    root = write_fake_acdc(tmp_path / "gap")
+    (root / "data" / "p3_frame02_slice_2.h5").unlink()
+    (root / "data" / "p1_frame01_slice_5.h5").unlink()
+    with pytest.raises(DataError) as error:  # every broken case at once, by name
+        preflight(acdc_datalist(root, num_labeled=2), num_classes=4, patch_size=(32, 32, 16), reader=readers())
+    lines = str(error.value).splitlines()
+    assert lines[0] == "3 dataset problem(s) found before training:"  # image and label of the labeled case
+    assert "case 'p1_frame01_slice_*.h5' (key 'image'): slice pattern " in lines[1] and "[5] missing" in lines[1]
+    assert "case 'p1_frame01_slice_*.h5' (key 'label'): slice pattern " in lines[2]
+    assert "case 'p3_frame02_slice_*.h5' (key 'image'): slice pattern " in lines[3] and "[2] missing" in lines[3]
+
+
+# ---------------------------------------------------------------------------------------------- configs
+
+
+def parsed(*extra_files, **overrides) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config(ACDC_CONFIGS + [str(CONFIGS / f) for f in extra_files])
+    parser.update(overrides)
+    return parser
+
+
+def test_acdc_configs(fake_acdc):
+    p = parsed(dataset_dir=str(fake_acdc), num_labeled=2)
+    assert p.get_parsed_content("num_classes") == 4 and p.get_parsed_content("patch_size") == [96, 96, 16]
+    assert p.get_parsed_content("label_names") == {"right_ventricle": 1, "myocardium": 2, "left_ventricle": 3}
+    datalist = p.get_parsed_content("datalist")
+    assert {k: len(v) for k, v in datalist.items()} == {"labeled": 2, "unlabeled": 4, "validation": 2, "test": 2}
+    item = p.get_parsed_content("train#preprocessing")(datalist["labeled"][0])
+    assert item["image"].shape == (1, 96, 96, 16) and item["label"].shape == (1, 96, 96, 16)  # padded to the patch
+    assert set(np.unique(np.asarray(item["label"]))) == {0, 1, 2, 3}
+    validation = p.get_parsed_content("validate#preprocessing")(datalist["validation"][0])
+    assert validation["image"].shape == (1, 36, 40, 10)  # (W, H, slices): the slice axis last
+    e = parsed("evaluate.yaml", dataset_dir=str(fake_acdc), num_labeled=2)
+    assert [x["image"] for x in e.get_parsed_content("dataset#data")] == [x["image"] for x in datalist["test"]]
+    case = e.get_parsed_content("preprocessing")(datalist["test"][0])
+    assert np.allclose(np.diag(case["image"].affine), [1.5, 1.5, 10.0, 1.0])
+    # the LA / demo configs keep evaluating their validation split
+    la = ConfigParser()
+    la.read_config([str(CONFIGS / "train.yaml"), str(CONFIGS / "evaluate.yaml")])
+    assert la.get_parsed_content("eval_split") == "validation" and la.get_parsed_content("h5_transpose") is None
+
+
+def test_tiny_four_class_training_and_test_evaluation(fake_acdc, tmp_path):
+    """train.yaml + acdc.yaml + acdc_cpu.yaml on the generated folder (tiny networks and patches): training
+    validates on val.list, evaluate.yaml scores test.list per class and the mean over the three structures."""
+    overrides = tiny_overrides(fake_acdc, tmp_path, num_labeled=2, run_name="acdc_tiny")
+    train = ConfigWorkflow(config_file=ACDC_CONFIGS, logging_file=False, workflow_type=None, **overrides)
+    train.initialize()
+    train.run()
+    assert (tmp_path / "models" / "model.pt").is_file()
+    evaluate = ConfigWorkflow(config_file=ACDC_CONFIGS + [str(CONFIGS / "evaluate.yaml")], logging_file=False,
+                              workflow_type=None, run_id="evaluating", **overrides, eval_models=["ensemble"])
+    evaluate.initialize()
+    evaluate.run()
+    eval_dir = tmp_path / "runs" / "acdc_tiny" / "eval" / "field"
+    summary = json.loads((eval_dir / "summary.json").read_text())
+    assert summary["num_cases"] == 2 and summary["spacings_mm"] == [[1.5, 1.5, 10.0]]
+    assert summary["class_names"] == {"1": "right_ventricle", "2": "myocardium", "3": "left_ventricle"}
+    for post in ("none", "lcc"):
+        assert list(summary["metrics"]["ensemble"][post]) == ["1", "2", "3", "mean"]
+        assert summary["metrics"]["ensemble"][post]["mean"]["n_cases"] == 2
+    assert "class_mean" in summary
+    table = (eval_dir / "summary.md").read_text()
+    for name in ("right_ventricle", "myocardium", "left_ventricle", "mean of 3"):
+        assert f"| ensemble | none | {name} | 2 |" in table
+    cases = {line.split(",")[0] for line in (eval_dir / "metrics.csv").read_text().splitlines()[1:]}
+    assert cases == {"data/p5_frame01.h5", "data/p5_frame02.h5"}  # the test cases
+
+
+# ---------------------------------------------------------------------------------------------- the real data
+
+
+@pytest.fixture(scope="module")
+def real_acdc():
+    return require_acdc()
+
+
+def test_real_acdc_datalist(real_acdc):
+    d = acdc_datalist(real_acdc)
+    assert {k: len(v) for k, v in d.items()} == {"labeled": 14, "unlabeled": 126, "validation": 20, "test": 40}
+    first = (real_acdc / "train.list").read_text().split()[:14]
+    assert [os.path.basename(x["image"]) for x in d["labeled"]] == [f"{i}_slice_*.h5" for i in first]
+    assert all(x["image"].endswith(".h5") and not is_slice_pattern(x["image"]) for x in d["validation"] + d["test"])
+    assert build_datalist(real_acdc, num_labeled=14, num_val=None) == d
+
+
+def test_real_acdc_slices_stack_in_order(real_acdc):
+    """A training case: every slice file, in numeric order, is one slice of the stacked volume (slice axis last)."""
+    case = (real_acdc / "train.list").read_text().split()[0]
+    pattern = real_acdc / "data" / f"{case}_slice_*.h5"
+    files = slice_files(pattern)
+    assert len(files) >= 6 and [int(f.rsplit("_", 1)[1][:-3]) for f in files] == list(range(1, len(files) + 1))
+    image = np.asarray(load(str(pattern), transpose=TRANSPOSE, spacing=SPACING))
+    label = np.asarray(load(str(pattern), key="label", transpose=TRANSPOSE, spacing=SPACING))
+    assert image.shape[2] == len(files) and label.shape == image.shape
+    for n, f in enumerate(files):
+        with h5py.File(f) as h:
+            assert np.array_equal(image[:, :, n], h["image"][()].T) and np.array_equal(label[:, :, n], h["label"][()].T)
+    assert set(np.unique(label)) <= {0, 1, 2, 3} and 0.0 <= image.min() and image.max() <= 1.0
+
+
+def test_real_acdc_preflight_of_the_labeled_and_validation_cases(real_acdc):
+    d = acdc_datalist(real_acdc)
+    small = {"labeled": d["labeled"][:4], "unlabeled": d["unlabeled"][:2], "validation": d["validation"][:2]}
+    summary = preflight(small, num_classes=4, patch_size=(96, 96, 16), patch_divisor=16, reader=readers())
+    assert summary["label_values"] == [0, 1, 2, 3]
+    assert all(6 <= s <= 18 for s in (summary["min_shape"][2], summary["max_shape"][2]))
