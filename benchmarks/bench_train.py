@@ -1,7 +1,8 @@
 """Seconds per training iteration of the bundle's real trainer, per config and speed variant.
 
 For each config list (``la_cpu``: train.yaml + la.yaml + la_cpu.yaml; ``la``: train.yaml + la.yaml,
-the paper's full-width networks and 112x112x80 patches) the bundle's own objects are built from the
+the paper's full-width networks and 112x112x80 patches; ``acdc_cpu``: train.yaml + acdc.yaml + acdc_cpu.yaml,
+with ``--dataset_dir`` an ACDC folder) the bundle's own objects are built from the
 config (CacheDataset, loaders, both networks, optimizers, losses, the trainer and its handlers:
 lr schedules, StatsHandler and TensorBoard logging, here at every iteration, an upper bound; validation
 is left out, it is timed by bench_inference.py) and run for ``--iterations`` iterations per round. The variants run in the same
@@ -50,6 +51,7 @@ CONFIGS = REPO / "bundle" / "configs"
 CONFIG_LISTS = {
     "la_cpu": ["train.yaml", "la.yaml", "la_cpu.yaml"],
     "la": ["train.yaml", "la.yaml"],
+    "acdc_cpu": ["train.yaml", "acdc.yaml", "acdc_cpu.yaml"],
     "demo": ["train.yaml"],
 }
 VARIANTS = {
@@ -217,7 +219,7 @@ class Variant:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset_dir", default=os.environ.get("LA2018_DIR"), help="LA folder with train.list")
+    parser.add_argument("--dataset_dir", default=os.environ.get("LA2018_DIR"), help="LA (or ACDC) folder with train.list")
     parser.add_argument("--configs", nargs="+", default=["la_cpu"], choices=sorted(CONFIG_LISTS))
     parser.add_argument("--variants", nargs="+", default=["default", "channels_last"], choices=list(VARIANTS))
     parser.add_argument("--iterations", type=int, default=3, help="iterations per variant and round")
