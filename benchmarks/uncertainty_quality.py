@@ -12,7 +12,8 @@ through the inferer of an evaluation protocol with ``DualNet(output="uncertainty
 - per voxel: the AUROC with which each map separates misclassified voxels from correct ones, within the
   predicted and true foreground dilated by ``--margin`` voxels (a cube), pooled over the cases. Maps:
   the entropy ``H`` and the disagreement ``D`` that inference writes, and their sum ``H + D`` (both in
-  nats).
+  nats); with ``--candidates`` also smoothed and max-pooled entropy, the distance to the predicted
+  boundary, and the entropy after temperature scaling of each network (fitted by NLL on the same voxels).
 
 Writes ``<output>.json`` and ``<output>.png`` (the scores against Dice; the fraction of misclassified
 voxels per decile of each map) and, with ``--montage``, the case with the lowest Dice (image, error,
@@ -78,6 +79,35 @@ def case_maps(u: torch.Tensor, label: torch.Tensor, margin: int) -> dict:
             "scores": {w: monai_dualssl.uncertainty_score(u, which=w) for w in monai_dualssl.UNCERTAINTY_MAPS}}
 
 
+def candidate_maps(case: dict) -> dict[str, np.ndarray]:
+    """Other maps tried against the errors (region voxels): smoothed and max-pooled entropy, and the
+    negative distance to the predicted foreground's boundary."""
+    h, pred = case["full"]["entropy"], case["pred"] > 0
+    maps = {f"gaussian{s}(H)": ndimage.gaussian_filter(h, s) for s in (1, 2, 3)}
+    maps.update({f"max(H, gaussian{s}(H))": np.maximum(h, maps[f"gaussian{s}(H)"]) for s in (1, 3)})
+    maps.update({f"maxpool{k}(H)": ndimage.maximum_filter(h, k) for k in (3, 5)})
+    maps["-distance to the boundary"] = -np.where(pred, ndimage.distance_transform_edt(pred), ndimage.distance_transform_edt(~pred))
+    return {k: v[case["region"]] for k, v in maps.items()}
+
+
+def fit_temperature(logits: torch.Tensor, target: torch.Tensor) -> float:
+    """The temperature ``T`` (a grid of 60 values from 0.3 to 5, log-spaced) minimising the NLL of
+    ``softmax(logits / T)``; ``logits`` ``[N, C]``, ``target`` ``[N]``."""
+    grid = np.exp(np.linspace(np.log(0.3), np.log(5.0), 60))
+    return float(min(grid, key=lambda t: float(torch.nn.functional.cross_entropy(logits / t, target))))
+
+
+def temperature_scaled(logits_a: torch.Tensor, logits_b: torch.Tensor, target: torch.Tensor) -> dict:
+    """Temperatures of each network fitted on the region voxels and the AUROC of the entropy of the
+    ensemble of the scaled networks (fitted and scored on the same voxels: the most favourable case)."""
+    t_a, t_b = fit_temperature(logits_a, target), fit_temperature(logits_b, target)
+    p = ((logits_a / t_a).softmax(1) + (logits_b / t_b).softmax(1)) / 2
+    entropy = -(p * p.clamp_min(1e-12).log()).sum(1)
+    error = (p.argmax(1) != target).numpy()
+    return {"temperature_a": t_a, "temperature_b": t_b, "misclassified": int(error.sum()),
+            "auroc_entropy": auroc(entropy.numpy(), error)}
+
+
 def error_by_decile(values: np.ndarray, error: np.ndarray) -> list[float]:
     """Fraction of misclassified voxels in each tenth of the voxels ordered by ``values``."""
     order = np.argsort(values, kind="stable")
@@ -134,6 +164,8 @@ def main() -> None:
     parser.add_argument("--margin", type=int, default=5, help="dilation of the foregrounds for the voxel AUROC")
     parser.add_argument("--num_cases", type=int, default=None, help="the first N validation cases (default: all)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--candidates", action="store_true", help="also score other maps (smoothed entropy, boundary "
+                        "distance) and each network's temperature scaling (two more inferences a case)")
     parser.add_argument("--output", default="bundle/docs/results/uncertainty_la", help="<output>.json and <output>.png")
     parser.add_argument("--montage", default=None, help="also write this PNG: the lowest-Dice case's image, error and maps "
                         "(it shows the data: keep it out of the repository if the data may not be shared)")
@@ -149,6 +181,7 @@ def main() -> None:
     dataset = config.get_parsed_content("dataset")
     count = len(dataset) if args.num_cases is None else min(args.num_cases, len(dataset))
     rows, pooled, worst = [], {"error": [], **{m: [] for m in MAPS}}, None
+    others: dict[str, list] = {"logits_a": [], "logits_b": [], "target": []}
     start = time.perf_counter()
     for i in range(count):
         item = dataset[i]
@@ -161,6 +194,14 @@ def main() -> None:
         pooled["error"].append(case["error"])
         for m in MAPS:
             pooled[m].append(case["maps"][m])
+        if args.candidates:
+            region = torch.from_numpy(case["region"])
+            for key, net in (("logits_a", network.net_a), ("logits_b", network.net_b)):
+                with torch.no_grad():
+                    others[key].append(inferer(item["image"].as_tensor()[None], net).float()[0][:, region].T)
+            others["target"].append(torch.from_numpy(case["gt"])[region])
+            for k, v in candidate_maps(case).items():
+                others.setdefault(k, []).append(v)
         if worst is None or case["dice"] < worst["dice"]:
             worst = {**case, "case": name, "image": item["image"][0].numpy()}
         print(f"{name}: Dice {100 * case['dice']:.2f}  " + "  ".join(f"{k} {v:.4f}" for k, v in case["scores"].items()), flush=True)
@@ -174,6 +215,10 @@ def main() -> None:
                                      for w in monai_dualssl.UNCERTAINTY_MAPS},
         "voxel_auroc": {m: auroc(np.concatenate(pooled[m]), error) for m in MAPS},
         "misclassified_by_decile": {m: error_by_decile(np.concatenate(pooled[m]), error) for m in MAPS},
+        **({"candidates": {
+            "voxel_auroc": {k: auroc(np.concatenate(v), error) for k, v in others.items() if k not in ("logits_a", "logits_b", "target")},
+            "temperature_scaling": temperature_scaled(*(torch.cat(others[k]) for k in ("logits_a", "logits_b", "target"))),
+        }} if args.candidates else {}),
         "voxels": int(error.size), "misclassified": int(error.sum()), "margin": args.margin, "protocol": args.protocol,
         "seconds": round(time.perf_counter() - start, 1),
     }
@@ -183,7 +228,8 @@ def main() -> None:
     figure(rows, result["misclassified_by_decile"], out.with_suffix(".png"))
     if args.montage:
         montage(worst, Path(args.montage))
-    print(json.dumps({k: result[k] for k in ("spearman_with_dice_error", "voxel_auroc", "voxels", "misclassified")}, indent=2))
+    print(json.dumps({k: result[k] for k in ("spearman_with_dice_error", "voxel_auroc", "candidates", "voxels", "misclassified")
+                      if k in result}, indent=2))
 
 
 if __name__ == "__main__":
