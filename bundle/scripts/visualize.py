@@ -131,7 +131,8 @@ def save_montage(
     axes = np.asarray(fig.subplots(rows, len(slices), squeeze=False))
     lo, hi = (float(v) for v in np.percentile(img, (0.5, 99.5)))
     n_classes = int(max(seg.max(), 0 if gt is None else gt.max(), 1))
-    present = {int(c) for c in np.unique(seg) if c > 0} | ({int(c) for c in np.unique(gt) if c > 0} if gt is not None else set())
+    present = {int(c) for c in np.unique(seg) if c > 0}
+    present |= {int(c) for c in np.unique(gt) if c > 0} if gt is not None else set()
     shown = sorted((set(names) - {0}) | present)
     colour_of = lambda c: CLASS_COLOURS[(c - 1) % len(CLASS_COLOURS)]  # noqa: E731
     truth_colour = colour_of if len(shown) > 1 else (lambda c: "lime")  # several classes: each its own contour colour
@@ -161,7 +162,8 @@ def save_montage(
     handles: list = [Patch(facecolor=colour_of(c), alpha=0.6) for c in shown]
     labels = [names.get(c, f"class {c}") for c in shown]
     if gt is not None:  # one short line per contour colour
-        handles.append(tuple(Line2D([], [], color=colour, lw=1.0) for colour in dict.fromkeys(map(truth_colour, shown or [1]))))
+        contour_colours = dict.fromkeys(map(truth_colour, shown or [1]))
+        handles.append(tuple(Line2D([], [], color=colour, lw=1.0) for colour in contour_colours))
         labels.append("ground truth")
     if handles:
         axes[0, -1].legend(handles, labels, loc="upper right", fontsize=7, framealpha=0.7,
