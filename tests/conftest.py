@@ -125,12 +125,12 @@ def pytest_collection_modifyitems(items):
 
 
 def acdc_dir() -> Path:
-    """The real ACDC folder in the field's h5 layout (``ACDC_DIR`` or ``data/data/ACDC`` beside the repository)."""
-    return Path(os.environ.get("ACDC_DIR", REPO.parent / "data" / "data" / "ACDC"))
+    """The real ACDC folder in the field's h5 layout (``ACDC_DIR``, else acdc.yaml's default ``bundle/data/acdc``)."""
+    return Path(os.environ.get("ACDC_DIR", REPO / "bundle" / "data" / "acdc"))
 
 
 def require_acdc() -> Path:
-    """The ACDC folder; skips when it is missing (ACDC is not part of the workplace's CI data)."""
+    """The ACDC folder; skips when it is missing (ACDC is not part of the CI data)."""
     root = acdc_dir()
     if not all((root / f).is_file() for f in ("train.list", "val.list", "test.list")) or not (root / "data").is_dir():
         pytest.skip(f"real ACDC data not found at {root} (set ACDC_DIR)")

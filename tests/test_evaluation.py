@@ -779,3 +779,35 @@ def test_uncertainty_score_picks_the_map_by_name_with_three_classes():
     assert inference.disagreement_score(u, margin=1) == pytest.approx(10 * (0 + 1 + 2 + 4 + 5 + 6) / 6)
     with pytest.raises(ValueError, match="which"):
         inference.uncertainty_score(u, which="variance")
+
+
+@pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
+def test_frozen_for_cpu_folds_batch_norm_and_keeps_outputs(memory_format):
+    net = tiny_dualnet(memory_format=memory_format).eval()
+    for bn in (m for m in net.modules() if isinstance(m, nn.BatchNorm3d)):  # non-trivial statistics to fold
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 1, 16, 16, 16)
+    for model in (net, inference.SoftmaxOutput(net.net_a)):
+        frozen = inference.frozen_for_cpu(model)
+        norms = sum(isinstance(m, nn.BatchNorm3d) for m in model.modules())
+        up = sum(isinstance(m, nn.ConvTranspose3d) for m in model.modules())  # a norm after one is not folded
+        assert isinstance(frozen, torch.jit.ScriptModule) and str(frozen.graph).count("aten::batch_norm") <= up < norms
+        with torch.no_grad():
+            torch.testing.assert_close(frozen(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_evaluate_jit_optimize_scores_the_same_with_frozen_models(tmp_path, monkeypatch):
+    images = [blob_image((16, 16, 16), seed=s) for s in range(2)]
+    items = [{"image": MetaTensor(torch.from_numpy(im)[None], meta={"filename_or_obj": f"/d/{i}/image.nii.gz"}),
+              "label": torch.from_numpy(mask[None].astype(np.uint8))} for i, (im, mask) in enumerate(images)]
+    loader = DataLoader(Dataset(items), batch_size=1)
+    frozen = []
+    real = inference.frozen_for_cpu
+    monkeypatch.setattr(evaluation, "frozen_for_cpu", lambda m: frozen.append(m) or real(m))
+    net = tiny_dualnet()
+    run = functools.partial(evaluate, net, loader, field_inferer((16, 16, 16), (8, 8, 8)), device="cpu", progress=False)
+    eager, jit = run(tmp_path / "eager"), run(tmp_path / "jit", jit_optimize=True)
+    assert len(frozen) == 3 and not eager["jit_optimize"] and jit["jit_optimize"]
+    assert json.dumps(jit["metrics"]) == json.dumps(eager["metrics"])
+    assert not run(tmp_path / "amp", jit_optimize=True, amp=True)["jit_optimize"] and len(frozen) == 3  # not under autocast

@@ -57,6 +57,7 @@ from .inference import (
     field_overlap,
     load_weights,
     model_variants,
+    frozen_for_cpu,
     protocol_inferer,
 )
 from .metrics import (

@@ -32,7 +32,7 @@ PACKAGE_BUNDLE = Path(__file__).resolve().parent.parent   # bundle/ when install
 TRACKING_KEYS = {k for s in DEFAULT_EXP_MGMT_SETTINGS.values() for k in s.get("configs", {})}
 #: the bundle's typed values (booleans go through :func:`as_bool`; ``$`` expressions are not checked)
 BOOLEANS = ("synthetic", "resume", "overwrite", "amp", "h5", "entropy_filter", "kl_weighting", "detach_weight",
-            "kl_rectify", "use_cps", "use_proto", "use_cos")
+            "kl_rectify", "use_cps", "use_proto", "use_cos", "jit_optimize")
 INTEGERS = ("seed", "num_classes", "raw_num_classes", "batch_labeled", "batch_unlabeled", "num_workers", "n_filters",
             "proj_dim", "rampup_iterations", "max_iterations", "epoch_length", "log_interval", "val_interval",
             "num_labeled", "num_val", "num_threads")
@@ -42,7 +42,7 @@ CHOICES = {"amp_dtype": ("float16", "bfloat16"), "filter_rule": ("certain", "unc
            "memory_format": ("auto", "contiguous", "channels_last")}
 #: values that may change between a run and its resumption (where it runs, how fast, how much it logs)
 RESUMABLE_CHANGES = ("resume", "overwrite", "bundle_root", "device", "num_workers", "num_threads", "log_interval",
-                     "memory_format", "dataset_dir", "_meta_", "tracking", *TRACKING_KEYS)
+                     "memory_format", "jit_optimize", "dataset_dir", "_meta_", "tracking", *TRACKING_KEYS)
 
 
 class ConfigError(ValueError):

@@ -9,6 +9,7 @@
 - :func:`uncertainty_score` / :func:`disagreement_score`: one uncertainty number per image from
   ``DualNet(output="uncertainty")``.
 - :func:`load_weights`: a trained model or a training checkpoint into a ``DualNet``.
+- :func:`frozen_for_cpu`: a frozen TorchScript copy of a model for CPU inference.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ __all__ = [
     "uncertainty_score",
     "UNCERTAINTY_MAPS",
     "model_variants",
+    "frozen_for_cpu",
     "load_weights",
 ]
 
@@ -205,6 +207,19 @@ def model_variants(network: nn.Module, names: Sequence[str] = MODEL_NAMES) -> di
         else:
             raise ValueError(f"unknown model {name!r} for {type(network).__name__}; expected some of {MODEL_NAMES}.")
     return out
+
+
+def frozen_for_cpu(model: nn.Module) -> nn.Module:
+    """
+    ``model`` (put in eval mode) as a frozen TorchScript module for CPU inference:
+    ``torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.script(model)))`` folds every BatchNorm
+    into its convolution and fuses oneDNN operations. The outputs equal the eager ones within float32
+    rounding (measured: 3e-7). Faster for narrow networks (la_cpu.yaml's: 2.5x per window on one core),
+    slower for la.yaml's full-width ones (1.2x slower), hence a config switch (``jit_optimize``). Attributes
+    such as ``DualNet.output`` are frozen in: set them before.
+    """
+    with torch.no_grad():
+        return torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.script(model.eval())))
 
 
 def load_weights(network: nn.Module, ckpt_path: str | os.PathLike, strict: bool = True) -> nn.Module:
