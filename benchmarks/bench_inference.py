@@ -9,13 +9,14 @@ timings hold, the Dice values mean nothing.
 
 Speed variants (``--variants``), run alternating in this process, ``--repeats`` times each (min and median
 printed): ``default`` (float32, ``memory_format: contiguous``, today's main), ``channels_last`` (what the
-configs' ``memory_format: auto`` picks on CPU) and ``compile`` (channels_last and ``torch.compile`` of both
-networks; its first run, which compiles, is timed apart). Every variant predicts the same cases; the Dice
+configs' ``memory_format: auto`` picks on CPU), ``compile`` (channels_last and ``torch.compile`` of both
+networks; its first run, which compiles, is timed apart) and ``jit`` (channels_last and evaluate.yaml's
+``jit_optimize``: frozen TorchScript networks). Every variant predicts the same cases; the Dice
 of each is printed, so a variant that changed the segmentation would show.
 
     python benchmarks/bench_inference.py --dataset_dir /data/la2018 [--ckpt bundle/models/model.pt] \
         [--config bundle/configs/train.yaml bundle/configs/la.yaml bundle/configs/la_cpu.yaml] [--num_cases 4] \
-        [--variants default channels_last compile] [--repeats 2] [--protocols field fast] [--threads 2]
+        [--variants default channels_last compile jit] [--repeats 2] [--protocols field fast] [--threads 2]
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ from monai_dualssl.networks import set_num_threads
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
 DEFAULT_CONFIGS = [str(CONFIGS / name) for name in ("train.yaml", "la.yaml", "la_cpu.yaml")]
-VARIANTS = {"default": ("contiguous", False), "channels_last": ("channels_last", False), "compile": ("channels_last", True)}
+# variant: (memory_format, torch.compile, jit_optimize)
+VARIANTS = {"default": ("contiguous", False, False), "channels_last": ("channels_last", False, False),
+            "compile": ("channels_last", True, False), "jit": ("channels_last", False, True)}
 
 
 def parse_config(files: list[str], dataset_dir: str) -> ConfigParser:
@@ -69,8 +72,9 @@ def largest_case(items: list[dict]) -> dict:
     return {"image": item["image"], "label": item.get("label", item["image"])}
 
 
-def run(network, batches, parser: ConfigParser, protocol: str, out: Path) -> dict:
-    """evaluate() of the ensemble with ``protocol`` on pre-loaded ``batches``; returns its summary."""
+def run(network, batches, parser: ConfigParser, protocol: str, out: Path, jit: bool = False) -> dict:
+    """evaluate() of the ensemble with ``protocol`` on pre-loaded ``batches`` (``jit``: its ``jit_optimize``); returns
+    its summary."""
     inferer = protocol_inferer(
         protocol,
         parser.get_parsed_content("patch_size"),
@@ -79,7 +83,7 @@ def run(network, batches, parser: ConfigParser, protocol: str, out: Path) -> dic
         sw_batch_size=parser.get_parsed_content("sw_batch_size"),
     )
     return evaluate(network, batches, inferer, out / protocol, models=["ensemble"], device="cpu",
-                    protocol=protocol, pixdim=parser.get_parsed_content("pixdim"), progress=False)
+                    protocol=protocol, pixdim=parser.get_parsed_content("pixdim"), progress=False, jit_optimize=jit)
 
 
 def dice(summary: dict, post: str = "none") -> float:
@@ -88,7 +92,7 @@ def dice(summary: dict, post: str = "none") -> float:
 
 def make_variant(network, name: str):
     """A copy of ``network`` in the variant's memory format, compiled in place for ``compile``."""
-    fmt, compiled = VARIANTS[name]
+    fmt, compiled, _ = VARIANTS[name]
     net = copy.deepcopy(network).set_memory_format(fmt).eval()
     if compiled:
         net.net_a.compile()
@@ -111,7 +115,7 @@ def compare(title: str, networks: dict, batches, parser: ConfigParser, protocols
                 print(f"  {protocol} / {name}: first run (compiling) {time.perf_counter() - start:.0f} s")
         for _ in range(repeats):
             for name, net in networks.items():
-                results[name].append(run(net, batches, parser, protocol, out))
+                results[name].append(run(net, batches, parser, protocol, out, jit=VARIANTS[name][2]))
         base = None
         for name, summaries in results.items():
             secs = [s["seconds_per_volume"]["ensemble"] for s in summaries]
