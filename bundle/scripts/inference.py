@@ -215,8 +215,10 @@ def frozen_for_cpu(model: nn.Module) -> nn.Module:
     ``torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.script(model)))`` folds every BatchNorm
     into its convolution and fuses oneDNN operations. The outputs equal the eager ones within float32
     rounding (measured: 3e-7). Faster for narrow networks (la_cpu.yaml's: 2.5x per window on one core),
-    slower for la.yaml's full-width ones (1.2x slower), hence a config switch (``jit_optimize``). Attributes
-    such as ``DualNet.output`` are frozen in: set them before.
+    slower for la.yaml's full-width ones (1.2x slower), hence a config switch (``jit_optimize``). The first
+    calls are slower (TorchScript profiles them): it pays off over many windows (the field protocol: 2.9x a
+    volume), not over a few (the fast protocol: no gain). Attributes such as ``DualNet.output`` are frozen
+    in: set them before.
     """
     with torch.no_grad():
         return torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.script(model.eval())))
