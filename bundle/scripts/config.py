@@ -42,7 +42,7 @@ CHOICES = {"amp_dtype": ("float16", "bfloat16"), "filter_rule": ("certain", "unc
            "memory_format": ("auto", "contiguous", "channels_last")}
 #: values that may change between a run and its resumption (where it runs, how fast, how much it logs)
 RESUMABLE_CHANGES = ("resume", "overwrite", "bundle_root", "device", "num_workers", "num_threads", "log_interval",
-                     "memory_format", "jit_optimize", "dataset_dir", "_meta_", "tracking", *TRACKING_KEYS)
+                     "memory_format", "jit_optimize", "eval_split", "dataset_dir", "_meta_", "tracking", *TRACKING_KEYS)
 
 
 class ConfigError(ValueError):
