@@ -128,6 +128,7 @@ def test_a_failed_write_raises_its_error_and_leaves_the_previous_checkpoint_alon
 
 def test_latest_checkpoint_ignores_files_without_a_trainer_iteration(tmp_path):
     torch.save(torch.ones(3), tmp_path / "weights.pt")  # not a dict
+    torch.save({"net": torch.zeros(1)}, tmp_path / "model.pt")  # no trainer entry
     torch.save([{"trainer": {"iteration": 9}}], tmp_path / "list.pt")
     torch.save({"trainer": {"lr": 0.1}}, tmp_path / "other.pt")  # a trainer entry without an iteration
     torch.save({"trainer": {"iteration": 0, "epoch": 0}}, tmp_path / "start.pt")  # saved before the first step
