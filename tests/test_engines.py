@@ -368,14 +368,16 @@ def test_a_non_finite_loss_stops_before_the_update_naming_the_bad_terms():
         t.run()
     message = str(info.value)
     assert message.startswith("the loss is non-finite at iteration 2: ")
-    assert "ce_a = inf" in message and "loss = inf" in message
+    assert message.endswith(". Training stopped before this update; no checkpoint holding non-finite weights is "
+                            "written. Lower the learning rate (lr) or check the data.")
+    assert "ce_a = inf, " in message and "loss = inf" in message
     assert not any(f"{k} =" in message for k in TERMS if k not in ("ce_a", "loss"))
     assert all(torch.equal(p, after_first[k]) for k, p in net.named_parameters())  # not updated
 
 
 def test_an_iteration_needs_a_batch():
     t, _ = trainer()
-    with pytest.raises(ValueError, match="Must provide batch data"):
+    with pytest.raises(ValueError, match="^Must provide batch data for current iteration.$"):
         t._iteration(t, None)
 
 

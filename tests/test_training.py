@@ -284,7 +284,7 @@ class Recorder(torch.nn.Module):
         return torch.tensor(self.value)
 
 
-@pytest.mark.parametrize("dice_a, dice_b, weaker", [(0.9, 0.2, "a"), (0.2, 0.9, "b")])
+@pytest.mark.parametrize("dice_a, dice_b, weaker", [(0.9, 0.2, "a"), (0.2, 0.9, "b"), (0.5, 0.5, "b")])  # a tie: B
 def test_prototype_loss_takes_the_weaker_networks_features(dice_a, dice_b, weaker):
     trainer, _ = make_trainer(loss_weights={"cps": 0.0, "cos": 0.0, "proto": 0.5})
     trainer.proto_loss = Recorder(3.0)

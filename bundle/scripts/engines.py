@@ -36,7 +36,7 @@ class _Forward(torch.nn.Module):
         self.net = net
         self.features = features
 
-    def forward(self, x: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.net.forward_features(x, start) if self.features else (self.net(x), None)
 
 
