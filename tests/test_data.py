@@ -19,6 +19,7 @@ from monai_dualssl import (
     DataError,
     H5Reader,
     build_datalist,
+    check_inputs,
     folder_datalist,
     la_datalist,
     make_synthetic_dataset,
@@ -543,6 +544,46 @@ def test_unlabeled_items_message(n, hint):
         with pytest.raises(DataError) as error:
             unlabeled_items(datalist)
         assert str(error.value) == expected
+
+
+# ---------------------------------------------------------------------------------------------- inference inputs
+
+
+def test_check_inputs_takes_one_channel_volumes_by_default(tmp_path):
+    write_h5(tmp_path / "a.h5")
+    assert check_inputs([str(tmp_path / "a.h5")]) == {"readable": [str(tmp_path / "a.h5")], "failed": {}}
+
+
+def test_check_inputs_names_a_slice_pattern_without_files_and_one_with_a_gap(tmp_path):
+    for n in (1, 2, 4):
+        write_h5(tmp_path / f"case_slice_{n}.h5", shape=(10, 8), seed=n)
+    none, gap = str(tmp_path / "other_slice_*.h5"), str(tmp_path / "case_slice_*.h5")
+    with pytest.warns(UserWarning, match="not segmented"):
+        checked = check_inputs([none, gap])
+    assert checked == {"readable": [], "failed": {
+        none: f"no slice file matches {none}",
+        gap: f"slice pattern {gap}: slices 1..4 found but [3] missing; a volume needs every slice."}}
+
+
+def test_check_inputs_reads_with_the_given_reader(tmp_path):
+    with h5py.File(tmp_path / "scan.h5", "w") as f:
+        f.create_dataset("scan", data=np.zeros((12, 10, 8), np.float32))  # no "image" dataset
+    path = str(tmp_path / "scan.h5")
+    assert check_inputs([path], reader=H5Reader(dataset="scan"))["readable"] == [path]
+    with pytest.warns(UserWarning):
+        assert check_inputs([path])["failed"][path].startswith("cannot be read: ")
+
+
+def test_check_inputs_reports_every_problem_of_a_file(tmp_path):
+    image = np.zeros((12, 10, 8), np.float32)
+    image[0, 0, 0] = np.nan
+    write_h5(tmp_path / "a.h5", image=image)
+    two = lambda d: {**d, "image": np.concatenate([d["image"], d["image"]])}  # noqa: E731
+    with pytest.warns(UserWarning):
+        failed = check_inputs([str(tmp_path / "a.h5")], transform=two)["failed"]
+    assert failed == {str(tmp_path / "a.h5"): (
+        "2 channels after dataset_transform (shape (2, 12, 10, 8)); the networks take 1: select channels in "
+        "dataset_transform (as brats.yaml does); 2 non-finite intensities (NaN/Inf)")}
 
 
 # ---------------------------------------------------------------------------------------------- reliability
