@@ -554,13 +554,15 @@ def test_check_inputs_takes_one_channel_volumes_by_default(tmp_path):
     assert check_inputs([str(tmp_path / "a.h5")]) == {"readable": [str(tmp_path / "a.h5")], "failed": {}}
 
 
-def test_check_inputs_names_a_slice_pattern_without_files_and_one_with_a_gap(tmp_path):
+def test_check_inputs_reads_slice_patterns_and_names_one_without_files_or_with_a_gap(tmp_path):
     for n in (1, 2, 4):
         write_h5(tmp_path / f"case_slice_{n}.h5", shape=(10, 8), seed=n)
-    none, gap = str(tmp_path / "other_slice_*.h5"), str(tmp_path / "case_slice_*.h5")
+        write_h5(tmp_path / f"whole_slice_{n}.h5", shape=(10, 8), seed=n)
+    write_h5(tmp_path / "whole_slice_3.h5", shape=(10, 8))
+    ok, none, gap = (str(tmp_path / f"{case}_slice_*.h5") for case in ("whole", "other", "case"))
     with pytest.warns(UserWarning, match="not segmented"):
-        checked = check_inputs([none, gap])
-    assert checked == {"readable": [], "failed": {
+        checked = check_inputs([ok, none, gap])
+    assert checked == {"readable": [ok], "failed": {
         none: f"no slice file matches {none}",
         gap: f"slice pattern {gap}: slices 1..4 found but [3] missing; a volume needs every slice."}}
 
