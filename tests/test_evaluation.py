@@ -25,6 +25,7 @@ from monai_dualssl import (
     METRIC_KEYS,
     MODEL_NAMES,
     binary_metrics,
+    class_mean_rows,
     evaluate,
     fast_inferer,
     field_inferer,
@@ -122,6 +123,33 @@ def test_empty_prediction_is_reported_not_scored_zero():
     assert s["n_cases"] == 2 and s["n_empty_pred"] == 1
     assert s["dice"]["mean"] == pytest.approx(0.5) and s["dice"]["n"] == 2
     assert s["hd95_mm"] == {"mean": 0.0, "std": 0.0, "n": 1}  # the empty case is left out, not counted as 0
+
+
+def metric_row(case, cls, model="ensemble", dice=1.0, distance=1.0, empty_pred=False, empty_gt=False):
+    row = {"case": case, "model": model, "postprocessing": "none", "class": cls, "empty_pred": empty_pred,
+           "empty_gt": empty_gt}
+    return {**row, **{k: dice if k in ("dice", "jaccard") else distance for k in METRIC_KEYS}}
+
+
+def test_class_mean_rows_average_the_classes_of_each_case_and_model():
+    rows = [
+        metric_row("c1", 1, dice=0.8, distance=2.0), metric_row("c1", 2, dice=0.6, distance=4.0, empty_gt=True),
+        metric_row("c1", 1, model="net_a", dice=0.5, distance=1.0),
+        metric_row("c1", 2, model="net_a", dice=0.1, distance=float("nan"), empty_pred=True),
+        metric_row("c2", 1, dice=0.9),                                  # one class: no mean row
+        metric_row("c1", "mean", dice=0.0),                             # an existing mean row is not averaged in
+        {k: v for k, v in metric_row("c3", 1).items() if k != "case"},  # no case key
+        {k: v for k, v in metric_row("c3", 2).items() if k != "case"},
+    ]
+    out = class_mean_rows(rows)
+    common = {"case": "c1", "postprocessing": "none", "class": "mean"}
+    assert out[0] == {**common, "model": "ensemble", "empty_pred": False, "empty_gt": True,
+                      **{k: pytest.approx(0.7 if k in ("dice", "jaccard") else 3.0) for k in METRIC_KEYS}}
+    net_a = out[1]
+    assert {k: net_a[k] for k in ("model", "empty_pred", "empty_gt")} == {"model": "net_a", "empty_pred": True,
+                                                                          "empty_gt": False}
+    assert net_a["dice"] == pytest.approx(0.3) and all(math.isnan(net_a[k]) for k in METRIC_KEYS[2:])
+    assert len(out) == 2
 
 
 def test_multiclass_metrics_per_foreground_class():
