@@ -26,11 +26,11 @@ import argparse
 import csv
 import itertools
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from la_cpu import command, curves, timed  # noqa: E402  (the LA study's runner, shared)
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
@@ -43,32 +43,10 @@ LABELED = {10: 14}   # % of the 140 training volumes -> labeled volumes (the fir
 SEEDS = (1337,)
 STRUCTURES = {"1": "RV", "2": "Myo", "3": "LV", "mean": "mean"}
 METRICS = ("dice", "jaccard", "hd95_mm", "asd_mm", "hd95_vox", "asd_vox")
-CURVES = ("val_mean_dice", "kl_w_mean", "kl_w_std", "kl_mean")
 
 
 def run_name(config: str, labels: int, seed: int, prefix: str = "acdc_cpu") -> str:
     return f"{prefix}_{config}_{labels}pct_s{seed}"
-
-
-def command(workflow: str, configs: list[str], dataset_dir: str, name: str, overrides: dict) -> list[str]:
-    """``python -m monai.bundle run <workflow>`` with the merged configs and CLI overrides."""
-    files = "[" + ",".join(f"'{c}'" for c in configs) + "]"
-    args = [sys.executable, "-m", "monai.bundle", "run", workflow, "--config_file", files,
-            "--dataset_dir", dataset_dir, "--run_name", name, "--model_dir", f"bundle/runs/{name}/models"]
-    for key, value in overrides.items():
-        args += [f"--{key}", str(value)]
-    return args
-
-
-def timed(args: list[str], log: Path, threads: int | None) -> float:
-    """Run ``args`` from the repository root, output to ``log``; the wall time in seconds."""
-    env = dict(os.environ)
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    start = time.perf_counter()
-    with open(log, "w") as out:
-        subprocess.run(args, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, check=True)
-    return time.perf_counter() - start
 
 
 def per_case_dice(eval_dir: Path) -> dict[str, dict[str, float]]:
@@ -81,17 +59,6 @@ def per_case_dice(eval_dir: Path) -> dict[str, dict[str, float]]:
     return {case: {**d, "mean": sum(d.values()) / len(d)} for case, d in values.items()}
 
 
-def curves(run_dir: Path, epoch_length: int) -> dict[str, list[list[float]]]:
-    """``[iteration, value]`` series of the TensorBoard log (validation Dice is logged per epoch)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    events.Reload()
-    tags = set(events.Tags()["scalars"])
-    scale = {"val_mean_dice": epoch_length}
-    return {tag: [[e.step * scale.get(tag, 1), round(e.value, 5)] for e in events.Scalars(tag)] for tag in CURVES if tag in tags}
-
-
 def one_run(config: str, labels: int, seed: int, dataset_dir: str, threads: int | None, extra: dict, prefix: str) -> dict:
     """Train and evaluate one run (best and final checkpoints on test.list); write and return its record."""
     name = run_name(config, labels, seed, prefix)
@@ -101,7 +68,8 @@ def one_run(config: str, labels: int, seed: int, dataset_dir: str, threads: int 
     configs = CONFIGS + spec["configs"]
     overrides = {**spec["overrides"], "num_labeled": LABELED[labels], "seed": seed, **extra}
     train = command("training", configs, dataset_dir, name, {**overrides, "resume": True})
-    train_s = timed(train, run_dir / "logs" / "train.log", threads)
+    resumed = any((run_dir / "checkpoints").glob("*.pt"))
+    train_s = timed(train, run_dir / "logs" / "train.log", threads, append=True)
     evaluated = {}
     for which, ckpt in (("best", run_dir / "models" / "model.pt"), ("final", run_dir / "checkpoints" / "final.pt")):
         evaluate = command("evaluating", configs + ["bundle/configs/evaluate.yaml"], dataset_dir, name,
@@ -120,7 +88,8 @@ def one_run(config: str, labels: int, seed: int, dataset_dir: str, threads: int 
         "run": name, "config": config, "labels_percent": labels, "seed": seed, "configs": configs,
         "overrides": overrides, "threads": threads,
         "train_command": "python " + " ".join(train[1:]).replace(dataset_dir, "<dataset_dir>"),
-        "train_wall_seconds": round(train_s, 1), "iterations": int(final["trainer"]["iteration"]),
+        "train_wall_seconds": round(train_s, 1), "train_resumed": resumed,  # then the time of the last leg only
+        "iterations": int(final["trainer"]["iteration"]),
         "best_epoch": int(final["validation"]["best_metric_epoch"]),
         "curves": curves(run_dir, int(final["trainer"]["epoch_length"])),
         "evaluation": evaluated,

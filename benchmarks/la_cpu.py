@@ -72,13 +72,14 @@ def command(workflow: str, configs: list[str], dataset_dir: str, name: str, over
     return args
 
 
-def timed(args: list[str], log: Path, threads: int | None) -> float:
-    """Run ``args`` from the repository root, output to ``log``; the wall time in seconds."""
+def timed(args: list[str], log: Path, threads: int | None, append: bool = False) -> float:
+    """Run ``args`` from the repository root, output to ``log`` (added to its end with ``append``, so a
+    resumed training keeps the log of its earlier legs); the wall time in seconds."""
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     start = time.perf_counter()
-    with open(log, "w") as out:
+    with open(log, "a" if append else "w") as out:
         subprocess.run(args, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, check=True)
     return time.perf_counter() - start
 
@@ -111,7 +112,8 @@ def train_and_evaluate(name: str, configs: list[str], overrides: dict, dataset_d
     run_dir = BUNDLE / "runs" / name
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     train = command("training", configs, dataset_dir, name, {**overrides, "resume": True})
-    train_s = timed(train, run_dir / "logs" / "train.log", threads)
+    resumed = any((run_dir / "checkpoints").glob("*.pt"))
+    train_s = timed(train, run_dir / "logs" / "train.log", threads, append=True)
     evaluated = {}
     for which, ckpt in (("best", run_dir / "models" / "model.pt"), ("final", run_dir / "checkpoints" / "final.pt")):
         evaluate = command("evaluating", configs + ["bundle/configs/evaluate.yaml"], dataset_dir, name,
@@ -127,7 +129,8 @@ def train_and_evaluate(name: str, configs: list[str], overrides: dict, dataset_d
     return {
         "run": name, "configs": configs, "overrides": overrides, "threads": threads,
         "train_command": "python " + " ".join(train[1:]).replace(dataset_dir, "<dataset_dir>"),
-        "train_wall_seconds": round(train_s, 1), "iterations": int(final["trainer"]["iteration"]),
+        "train_wall_seconds": round(train_s, 1), "train_resumed": resumed,  # then the time of the last leg only
+        "iterations": int(final["trainer"]["iteration"]),
         "best_epoch": int(final["validation"]["best_metric_epoch"]),
         "curves": curves(run_dir, int(final["trainer"]["epoch_length"])),
         "evaluation": evaluated,

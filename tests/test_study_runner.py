@@ -1,0 +1,31 @@
+"""The study drivers' runner (benchmarks/la_cpu.py's ``timed``, shared by acdc_cpu.py and al_simulation.py)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import la_cpu  # noqa: E402
+
+
+def say(text):
+    return [sys.executable, "-c", f"print({text!r})"]
+
+
+def test_a_resumed_training_adds_to_its_log_and_a_fresh_command_replaces_it(tmp_path):
+    log = tmp_path / "train.log"
+    for leg in ("first leg", "second leg"):  # a run killed after its first leg, then resumed
+        la_cpu.timed(say(leg), log, threads=None, append=True)
+    assert log.read_text() == "first leg\nsecond leg\n"
+    la_cpu.timed(say("evaluation"), log, threads=None)
+    assert log.read_text() == "evaluation\n"
+
+
+def test_the_runner_sets_the_threads_and_fails_loudly(tmp_path):
+    log = tmp_path / "run.log"
+    seconds = la_cpu.timed([sys.executable, "-c", "import os; print(os.environ['OMP_NUM_THREADS'])"], log, threads=3)
+    assert log.read_text() == "3\n" and seconds > 0
+    with pytest.raises(subprocess.CalledProcessError):
+        la_cpu.timed([sys.executable, "-c", "raise SystemExit(2)"], log, threads=None)
