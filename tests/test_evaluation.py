@@ -133,10 +133,10 @@ def metric_row(case, cls, model="ensemble", dice=1.0, distance=1.0, empty_pred=F
 
 def test_class_mean_rows_average_the_classes_of_each_case_and_model():
     rows = [
+        metric_row("c0", 1, dice=0.9),                                  # one class: no mean row
         metric_row("c1", 1, dice=0.8, distance=2.0), metric_row("c1", 2, dice=0.6, distance=4.0, empty_gt=True),
         metric_row("c1", 1, model="net_a", dice=0.5, distance=1.0),
         metric_row("c1", 2, model="net_a", dice=0.1, distance=float("nan"), empty_pred=True),
-        metric_row("c2", 1, dice=0.9),                                  # one class: no mean row
         metric_row("c1", "mean", dice=0.0),                             # an existing mean row is not averaged in
         {k: v for k, v in metric_row("c3", 1).items() if k != "case"},  # no case key
         {k: v for k, v in metric_row("c3", 2).items() if k != "case"},
