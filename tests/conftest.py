@@ -196,3 +196,15 @@ def write_fake_acdc(
     for name, ids in (("train.list", train), ("val.list", val), ("test.list", test)):
         (root / name).write_text("".join(f"{i}\n" for i in ids))
     return root
+
+
+def save_on_gpu(obj, path):
+    """``torch.save`` as on a CUDA machine: every tensor's storage is tagged ``cuda:0`` (no GPU needed)."""
+    import torch.serialization
+
+    real = torch.serialization.location_tag
+    torch.serialization.location_tag = lambda storage: "cuda:0"
+    try:
+        torch.save(obj, path)
+    finally:
+        torch.serialization.location_tag = real

@@ -19,7 +19,7 @@ from monai.inferers import SimpleInferer
 from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance
 from monai.transforms.utils import has_measure
 
-from conftest import CONFIGS, blob, blob_image, tiny_dualnet, tiny_overrides
+from conftest import CONFIGS, blob, blob_image, save_on_gpu, tiny_dualnet, tiny_overrides
 from monai_dualssl import evaluation, inference, metrics
 from monai_dualssl import (
     METRIC_KEYS,
@@ -381,12 +381,20 @@ def test_load_weights_checks_what_it_loads(tmp_path):
         load_weights(tiny_dualnet(), tmp_path / "pickled.pt")
 
 
+def test_load_weights_reads_a_checkpoint_saved_on_a_gpu_on_a_cpu(tmp_path):
+    net = tiny_dualnet()
+    save_on_gpu(net.state_dict(), tmp_path / "gpu.pt")
+    loaded = load_weights(tiny_dualnet(seed=1), tmp_path / "gpu.pt")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), net.state_dict().values()))
+
+
 def test_disagreement_score_default_margin_and_1d():
     d = torch.arange(11.0).pow(2).view(1, 1, 11)  # D = 0, 1, 4, ..., 100 on a 1-D line
     fg = torch.zeros(1, 1, 11)
     fg[0, 0, 5] = 0.9
     u = torch.cat([1 - fg, fg, torch.zeros_like(d), d], dim=1)
     assert inference.disagreement_score(u) == pytest.approx(sum(v * v for v in range(2, 9)) / 7)  # margin 3
+    assert inference.uncertainty_score(u) == pytest.approx(sum(v * v for v in range(2, 9)) / 7)  # the same defaults
     assert inference.disagreement_score(u, margin=4) == pytest.approx(sum(v * v for v in range(1, 10)) / 9)
 
 

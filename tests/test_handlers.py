@@ -7,9 +7,9 @@ import pickle
 
 import pytest
 import torch
-import torch.serialization
 from ignite.engine import Engine, Events
 
+from conftest import save_on_gpu
 from monai_dualssl import AtomicCheckpointSaver, ResumeHandler, ValidationState, latest_checkpoint, non_finite_entries
 
 
@@ -33,16 +33,6 @@ def engine_and_net(seed=0):
 
 def names(folder):
     return sorted(p.name for p in folder.iterdir())
-
-
-def save_on_gpu(obj, path):
-    """``torch.save`` as on a CUDA machine: every tensor's storage is tagged ``cuda:0`` (no GPU needed)."""
-    real = torch.serialization.location_tag
-    torch.serialization.location_tag = lambda storage: "cuda:0"
-    try:
-        torch.save(obj, path)
-    finally:
-        torch.serialization.location_tag = real
 
 
 # ---- non-finite values ---------------------------------------------------------------------------
