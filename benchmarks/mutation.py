@@ -54,7 +54,7 @@ MODULES = {
     # SoftmaxOutput is compiled by TorchScript (jit_optimize), which cannot compile mutmut's trampolines: left unmutated
     "inference": {"file": "inference.py", "tests": ["tests/test_evaluation.py"], "unmutated": ["SoftmaxOutput"]},
     "evaluation": {"file": "evaluation.py", "tests": ["tests/test_evaluation.py"]},
-    # check_inputs / raise_failed_inputs are tested through inference.json's runs
+    # check_inputs is tested directly (test_data.py) and, with raise_failed_inputs, through inference.json's runs
     "preflight": {"file": "preflight.py", "tests": ["tests/test_data.py", "tests/test_inference.py"]},
     # the trainer: its unit tests and the training tests. test_reliability.py's in-process train.yaml runs reach
     # every trainer function and would add a minute to each surviving mutant; the trainer's resume and NaN

@@ -241,6 +241,17 @@ class Loop(RandomizableTransform):
         return self.inner(data)
 
 
+def assert_state_holds_and_restores(t, generators):
+    """The trainer's state holds each of ``generators`` once, and loading it restores them after a reseed."""
+    saved = [g.get_state()[1].copy() for g in generators]
+    state = t.state_dict()
+    assert len(state["random"]["transforms"]) == len(generators)
+    for g in generators:
+        g.seed(0)
+    t.load_state_dict(state)
+    assert all(np.array_equal(g.get_state()[1], s) for g, s in zip(generators, saved))
+
+
 def test_trainer_state_holds_each_random_transform_generator_once():
     """Nested (the croppers and noise inside the dictionary transforms), shared by both loaders, in a cycle:
     each generator is saved once and restored by ``load_state_dict``."""
@@ -252,13 +263,7 @@ def test_trainer_state_holds_each_random_transform_generator_once():
     generators = list({id(g): g for g in (both.R, unlabeled_only.R, flip.R, crop.R, crop.cropper.R, loop.R, loop.inner.R,
                                           loop.inner.rand_gaussian_noise.R)}.values())  # some are shared
     assert len(generators) >= 6
-    saved = [g.get_state()[1].copy() for g in generators]
-    state = t.state_dict()
-    assert len(state["random"]["transforms"]) == len(generators)
-    for g in generators:
-        g.seed(0)
-    t.load_state_dict(state)
-    assert all(np.array_equal(g.get_state()[1], s) for g, s in zip(generators, saved))
+    assert_state_holds_and_restores(t, generators)
 
 
 class Augmenting:
@@ -279,13 +284,7 @@ def test_trainer_state_holds_the_generators_of_a_loader_without_dataset():
     loader = Augmenting([{"image": v["image"][None]} for v in volumes(2, 2, label=False)])
     t, _ = trainer(unlabeled=loader)
     generators = list({id(g): g for g in (loader.noise.R, loader.noise.rand_gaussian_noise.R)}.values())
-    saved = [g.get_state()[1].copy() for g in generators]
-    state = t.state_dict()
-    assert len(state["random"]["transforms"]) == len(generators)
-    for g in generators:
-        g.seed(0)
-    t.load_state_dict(state)
-    assert all(np.array_equal(g.get_state()[1], s) for g, s in zip(generators, saved))
+    assert_state_holds_and_restores(t, generators)
 
 
 # ---- resume: the trainer continues exactly -------------------------------------------------------
