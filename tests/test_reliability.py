@@ -1,5 +1,6 @@
 """Nothing lost, nothing silently wrong: switches, overrides, run folders, resume, checkpoints, NaN."""
 
+import json
 import logging
 import os
 import re
@@ -16,7 +17,7 @@ from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 
 from conftest import CONFIGS, REPO, tiny_overrides
-from monai_dualssl import ConfigError, NonFiniteLossError, as_bool, latest_checkpoint
+from monai_dualssl import ConfigError, NonFiniteLossError, RunConfig, as_bool, latest_checkpoint
 
 
 def workflow(root: Path, dataset: Path, **extra) -> ConfigWorkflow:
@@ -176,6 +177,17 @@ def test_resume_refuses_a_checkpoint_of_another_configuration(tmp_path, tiny_dat
         run(workflow(tmp_path, tiny_dataset, resume=True, lr=0.5, keep_ratio=0.7))
     message = str(cause_of(info.value, ConfigError))
     assert "lr: checkpoint 0.05, now 0.5" in message and "keep_ratio: checkpoint 0.8, now 0.7" in message
+
+
+def test_resume_accepts_a_checkpoint_holding_a_key_that_has_since_become_resumable():
+    # a checkpoint written while eval_split (now resumable) was still part of the run's identity
+    old = {"lr": 0.05, "eval_split": "validation", "num_workers": 4}
+    state = {"config": json.dumps(old, sort_keys=True), "sha256": "written by an older version"}
+    RunConfig({"lr": 0.05, "eval_split": "test", "num_workers": 0}).load_state_dict(state)
+    RunConfig({"lr": 0.05}).load_state_dict(state)
+    with pytest.raises(ConfigError) as info:
+        RunConfig({"lr": 0.5, "eval_split": "validation"}).load_state_dict(state)
+    assert "lr: checkpoint 0.05, now 0.5" in str(info.value) and "eval_split" not in str(info.value)
 
 
 def test_resume_with_nothing_to_resume_from_warns(tmp_path, tiny_dataset, caplog):

@@ -241,11 +241,17 @@ def check_run_folder(output_dir: str, model_dir: str, resume: Any, overwrite: An
     logging.getLogger(__name__).warning(f"overwrite: removed the earlier run's checkpoints and logs in {output}.")
 
 
+def _fixed(config: Mapping) -> dict:
+    """``config`` without the keys a resumed run may change (:data:`RESUMABLE_CHANGES`)."""
+    return {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES}
+
+
 class RunConfig:
     """The run's configuration as a checkpoint entry: a resumed run must be the same run.
 
     ``state_dict()`` holds the configuration (JSON) and its hash; ``load_state_dict`` compares it with
-    the running configuration, ignoring :data:`RESUMABLE_CHANGES`.
+    the running configuration, ignoring :data:`RESUMABLE_CHANGES` on both sides (a checkpoint written
+    before a key became resumable still holds it).
 
     Args:
         config: the configuration; None takes the running one (:func:`running_parser`).
@@ -256,7 +262,7 @@ class RunConfig:
 
     def __init__(self, config: Mapping | None = None) -> None:
         raw = running_parser().get() if config is None else config
-        self.config = {k: v for k, v in json.loads(json.dumps(raw, default=str)).items() if k not in RESUMABLE_CHANGES}
+        self.config = _fixed(json.loads(json.dumps(raw, default=str)))
 
     def state_dict(self) -> dict:
         text = json.dumps(self.config, sort_keys=True)
@@ -265,8 +271,10 @@ class RunConfig:
     def load_state_dict(self, state: Mapping) -> None:
         if state.get("sha256") == self.state_dict()["sha256"]:
             return
-        saved = json.loads(state["config"])
+        saved = _fixed(json.loads(state["config"]))
         keys = sorted(k for k in set(saved) | set(self.config) if saved.get(k) != self.config.get(k))
+        if not keys:
+            return
         diff = "\n  ".join(f"{k}: checkpoint {saved.get(k)!r}, now {self.config.get(k)!r}" for k in keys[:20])
         raise ConfigError(
             f"--resume: the checkpoint belongs to a run with another configuration:\n  {diff}\n"
