@@ -14,6 +14,7 @@ from monai_dualssl.losses import (
     MutualCorrectionLoss,
     PrototypeContrastiveLoss,
     SupervisedLoss,
+    _max,
     lowest_fraction,
     sigmoid_rampup,
 )
@@ -60,6 +61,27 @@ def test_sigmoid_rampup():
     assert sigmoid_rampup(3, 0, 0.5) == 0.5
     assert sigmoid_rampup(0, 1) == pytest.approx(math.exp(-5))  # a ramp of one step still starts low
     assert sigmoid_rampup(0.5, 1, 2.0) == pytest.approx(2.0 * math.exp(-1.25))
+
+
+def test_channel_max_by_hand_first_index_on_ties():
+    # voxels: a clear max in each channel, a tie of channels 1 and 2, a three-way tie, -inf and +inf
+    x = torch.tensor([[[1.0, 0.0, 2.0, 5.0, 0.0], [3.0, 4.0, 2.0, 1.0, float("inf")], [2.0, 4.0, 2.0, 0.0, 1.0]]])
+    x[0, 0, 1] = float("-inf")
+    values, index = _max(x)
+    assert values.tolist() == [[3.0, 4.0, 2.0, 5.0, float("inf")]]
+    assert index.dtype == torch.long and index.tolist() == [[1, 1, 0, 0, 1]]
+
+
+@pytest.mark.parametrize("classes", [2, 3, 5])
+def test_channel_max_matches_torch_max_in_both_memory_formats(classes):
+    g = torch.Generator().manual_seed(classes)
+    x = torch.randint(-2, 3, (2, classes, 5, 4, 3), generator=g).float()  # many ties
+    expected = x.max(dim=1)
+    for t in (x, x.to(memory_format=torch.channels_last_3d)):
+        values, index = _max(t)
+        assert torch.equal(values, expected.values)
+        # the first maximal channel, as argmax documents
+        assert torch.equal(index, (x == expected.values.unsqueeze(1)).float().argmax(dim=1))
 
 
 @pytest.mark.parametrize(

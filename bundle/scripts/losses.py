@@ -96,9 +96,25 @@ def _reduce(values: torch.Tensor, count: torch.Tensor, reduction: str) -> torch.
     return values
 
 
+def _max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Channel maximum and its first index, ``[B, C, *] -> ([B, *], [B, *] long)``, as ``x.max(dim=1)``.
+
+    The index counts the leading channels below the maximum, ``sum_c prod_{c' <= c} 1[x_c' < max]``:
+    ``C - 1`` elementwise passes after ``amax``, several times faster on CPU than ``max(dim=1)`` or
+    ``argmax(dim=1)``, whose reductions over the channel stride are slow.
+    """
+    values = x.amax(dim=1)
+    index = torch.zeros_like(values, dtype=torch.long)
+    below = torch.ones_like(values, dtype=torch.bool)
+    for c in range(x.shape[1] - 1):
+        below &= x[:, c] < values
+        index += below
+    return values, index
+
+
 def _argmax(x: torch.Tensor) -> torch.Tensor:
-    """Channel argmax ``[B, C, *] -> [B, *]`` (``max(dim=1)`` is many times faster than ``argmax`` on CPU)."""
-    return x.max(dim=1).indices
+    """Channel argmax ``[B, C, *] -> [B, *]`` (the first index of the maximum, see :func:`_max`)."""
+    return _max(x)[1]
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -153,7 +169,7 @@ class MutualCorrectionLoss(_Loss):
         """Confident-disagreement mask ``[B, 1, *spatial]`` (bool) of two logit maps."""
 
         def confident_class(logits: torch.Tensor) -> torch.Tensor:  # [B, *spatial]: argmax, -1 if not confident
-            conf, label = F.softmax(logits.detach().float(), dim=1).max(dim=1)
+            conf, label = _max(F.softmax(logits.detach().float(), dim=1))
             return label.masked_fill(conf < self.threshold, -1)
 
         # some foreground conf_c differs <=> the confident classes differ and one of them is foreground
@@ -457,8 +473,10 @@ class PrototypeContrastiveLoss(_Loss):
         pseudo, reliable = self.partition([logits] if logits_other is None else [logits, logits_other])
         flat = features.flatten(2)  # [B, F, N]
         hot = F.one_hot(pseudo, n_classes).float() * reliable.unsqueeze(-1)  # [B, N, C]
-        sums = torch.einsum("bfn,bnc->cf", _unit(flat.detach().float()), hot)
         present = hot.sum(dim=(0, 1)) > 0  # [C]
+        # sum of unit features per class, f / |f| folded into the one-hot weights (no normalised copy of f)
+        norms = torch.linalg.vector_norm(flat.detach().float(), dim=1).clamp_min(1e-12)  # [B, N]
+        sums = torch.einsum("bfn,bnc->cf", flat.detach().float(), hot / norms.unsqueeze(-1))
         protos = _unit(sums)
 
         uncertain = ~reliable.flatten()
