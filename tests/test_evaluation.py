@@ -666,6 +666,42 @@ def test_evaluate_reports(tmp_path):
                                                 progress=False, pixdim=[0, 0, 0])["space"] == plain["space"]
 
 
+class LabelNet(nn.Module):
+    """A "network" predicting class ``round(x)`` of ``classes`` firmly (logit 10 for it, 0 for the others)."""
+
+    def __init__(self, classes):
+        super().__init__()
+        self.classes = classes
+
+    def forward(self, x):
+        return 10.0 * nn.functional.one_hot(x[:, 0].round().long(), self.classes).movedim(-1, 1).float()
+
+
+class LabelDualNet(CodeDualNet):
+    def __init__(self, classes):
+        super().__init__()
+        self.net_a = self.net_b = LabelNet(classes)
+
+
+def test_evaluate_reports_the_mean_over_several_foreground_classes(tmp_path):
+    label = torch.zeros(1, 12, 12, 12)
+    label[0, 2:6, 2:6, 2:6], label[0, 7:10, 7:10, 7:10] = 1, 2
+    loader = DataLoader(Dataset([{"image": label.clone(), "label": label}]), batch_size=1)
+    summary = evaluate(LabelDualNet(3), loader, field_inferer((8, 8, 8), (4, 4, 4)), tmp_path, models=["ensemble"],
+                       device="cpu", progress=False, label_names={"one": 1, "two": 2})
+    assert summary["class_mean"] == metrics.CLASS_MEAN_RULE
+    assert list(summary["metrics"]["ensemble"]["none"]) == ["1", "2", metrics.CLASS_MEAN]
+    assert summary["metrics"]["ensemble"]["none"][metrics.CLASS_MEAN]["dice"] == {"mean": 1.0, "std": 0.0, "n": 1}
+    md = (tmp_path / "summary.md").read_text().split("\n")
+    assert [line.split(" | ")[2] for line in md if line.startswith("| ensemble | none")] == ["one", "two", "mean of 2"]
+    assert md[-4:] == ["Mean ± standard deviation (ddof=0) over cases. " + metrics.EMPTY_RULE, "",
+                       "'mean of n' rows: " + metrics.CLASS_MEAN_RULE, ""]
+    binary = evaluate(LabelDualNet(2), DataLoader(Dataset([{"image": (label > 0).float(), "label": (label > 0).float()}])),
+                      field_inferer((8, 8, 8), (4, 4, 4)), tmp_path / "binary", device="cpu", progress=False)
+    assert "class_mean" not in binary and list(binary["metrics"]["ensemble"]["none"]) == ["1"]
+    assert not any("mean of" in line for line in (tmp_path / "binary" / "summary.md").read_text().splitlines())
+
+
 class AutocastProbe(nn.Module):
     """Foreground exactly where it runs under CPU autocast."""
 
