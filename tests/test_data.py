@@ -726,6 +726,17 @@ def test_preflight_patch_size_divisible_by_16(tmp_path):
         preflight(good_datalist(tmp_path), num_classes=2, patch_size=(40, 48, 20), patch_divisor=16)
 
 
+def test_preflight_patch_size_divisible_per_axis(tmp_path):
+    expected = (
+        "patch_size [96, 96, 10]: every size must be divisible by [16, 16, 4] along its axes (the product of the "
+        "networks' strides along each), found 10; nearest valid patch sizes: [96, 96, 8] or [96, 96, 12]."
+    )
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        preflight(good_datalist(tmp_path), num_classes=2, patch_size=(96, 96, 10), patch_divisor=[16, 16, 4])
+    with pytest.raises(ValueError, match=re.escape("patch_divisor [16, 4]: expected one number or 3")):
+        preflight(good_datalist(tmp_path), num_classes=2, patch_size=(96, 96, 8), patch_divisor=[16, 4])
+
+
 def test_train_configs_preflight_patch_size(tiny_dataset, tmp_path):
     """train.yaml's preflight stops a patch size the networks cannot take before any data is cached."""
     from conftest import tiny_overrides

@@ -1,12 +1,13 @@
 """Shapes, parameter counts, input checks, dropout, TorchScript and the ensemble output of the networks."""
 
 import math
+import re
 
 import pytest
 import torch
 
 from conftest import tiny_dualnet
-from monai_dualssl.networks import DualNet, ResNetVNet, VNet, ensemble_uncertainty
+from monai_dualssl.networks import DualNet, ResNetVNet, VNet, ensemble_uncertainty, stride_divisors
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch\\.jit", "ignore:Converting a tensor to a Python integer")
 
@@ -73,6 +74,54 @@ def test_input_checks(cls):
         net(x32(channels=2))
     with pytest.raises(ValueError, match=cls.__name__):
         net(torch.randn(1, 32, 32, 32))
+
+
+ANISOTROPIC = [[2, 2, 1], [2, 2, 1], 2, 2]  # a short slice axis kept at full resolution for two levels
+
+
+@pytest.mark.parametrize("strides, divisors", [(None, [16, 16, 16]), ([2, 2, 2, 2], [16, 16, 16]),
+                                               (ANISOTROPIC, [16, 16, 4]), ([1, [1, 2, 1], 2, [2, 1, 1]], [4, 4, 2])])
+def test_stride_divisors(strides, divisors):
+    assert stride_divisors(strides) == divisors
+
+
+@pytest.mark.parametrize("cls", NETS)
+@pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
+def test_anisotropic_strides_keep_the_slice_axis_for_two_levels(cls, memory_format):
+    net = small(cls, out_channels=3, proj_dim=5, strides=ANISOTROPIC, memory_format=memory_format).eval()
+    x = torch.randn(2, 1, 32, 16, 8)
+    with torch.no_grad():
+        feats = net.encoder(x)
+        logits, proj = net.forward_features(x, 1)
+    # in-plane halved at every level, the slice axis only at the last two
+    assert [tuple(f.shape[2:]) for f in feats] == [(32, 16, 8), (16, 8, 8), (8, 4, 8), (4, 2, 4), (2, 1, 2)]
+    assert [f.shape[1] for f in feats] == [4, 8, 16, 32, 64]
+    assert logits.shape == (2, 3, 32, 16, 8) and proj.shape == (1, 5, 32, 16, 8)
+    # the same parameters as the isotropic network except the strided kernels' last axis (2 -> 1)
+    iso = small(cls, out_channels=3, proj_dim=5)
+    shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    iso_shapes = {k: tuple(v.shape) for k, v in iso.state_dict().items()}
+    assert shapes.keys() == iso_shapes.keys()
+    differ = {k for k in shapes if shapes[k] != iso_shapes[k]}
+    assert differ and all(shapes[k][-1] == 1 and iso_shapes[k][-1] == 2 and shapes[k][:-1] == iso_shapes[k][:-1]
+                          for k in differ)
+    with pytest.raises(ValueError, match=re.escape("divisible by (16, 16, 4) along its axes")):
+        net(torch.randn(1, 1, 32, 16, 6))
+    net(torch.randn(1, 1, 16, 16, 4))  # 4 slices suffice
+
+
+def test_anisotropic_dualnet_scripts_and_matches_eager():
+    net = DualNet(n_filters=4, resnet_blocks=(1, 1, 1, 1), vnet_stages=(1, 1, 1, 1, 1), out_channels=4,
+                  strides=ANISOTROPIC).eval()
+    x = torch.randn(1, 1, 16, 32, 4)
+    with torch.no_grad():
+        assert torch.allclose(torch.jit.script(net)(x), net(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("strides", [[2, 2, 2], [2, 2, 2, 3], [[2, 2], 2, 2, 2], [0, 2, 2, 2]])
+def test_invalid_strides(strides):
+    with pytest.raises(ValueError, match=r"strides must be 4 down-sampling steps"):
+        VNet(n_filters=4, strides=strides)
 
 
 def test_dualnet_input_check():

@@ -25,6 +25,7 @@ from .networks import (
     ensemble_uncertainty,
     resolve_memory_format,
     set_num_threads,
+    stride_divisors,
 )
 from .losses import (
     CosineConsistencyLoss,

@@ -6,9 +6,11 @@
   returning the mean of their softmax maps as a single tensor (or, with ``output="uncertainty"``,
   that mean followed by entropy and disagreement maps from :func:`ensemble_uncertainty`).
 
-All networks take ``[B, in_channels, H, W, D]`` inputs whose spatial sizes are divisible by 16
-and return one tensor ``[B, out_channels, H, W, D]`` from ``forward`` (so MONAI inferers and
-TorchScript export work); :meth:`VNet.forward_features` / :meth:`ResNetVNet.forward_features`
+All networks down-sample 4 times, by 2 along every axis unless ``strides`` says otherwise (e.g.
+``[[2, 2, 1], [2, 2, 1], 2, 2]`` keeps a short, coarse slice axis at full resolution for two levels),
+take ``[B, in_channels, H, W, D]`` inputs whose spatial sizes are divisible by the product of the
+strides along each axis (16 by default; see :func:`stride_divisors`) and return one tensor
+``[B, out_channels, H, W, D]`` from ``forward`` (so MONAI inferers and TorchScript export work); :meth:`VNet.forward_features` / :meth:`ResNetVNet.forward_features`
 additionally return the last decoder feature map (optionally through a projection head) for
 feature-level losses.
 
@@ -32,13 +34,14 @@ import torch.nn as nn
 
 __all__ = [
     "VNet", "ResNetVNet", "DualNet", "ensemble_uncertainty", "MEMORY_FORMATS", "resolve_memory_format",
-    "set_num_threads",
+    "set_num_threads", "stride_divisors",
 ]
 
 NORM_TYPES = ("batch", "instance", "group", "none")
 #: values of the configs' ``memory_format`` (``"auto"``: channels_last on CPU, contiguous elsewhere)
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 _DECODER_BLOCKS = (3, 3, 2, 1)  # conv blocks of UA-MT's block_six .. block_nine
+Stride = Tuple[int, int, int]
 
 
 def _norm(norm: str, channels: int) -> nn.Module:
@@ -113,23 +116,50 @@ def _check_counts(name: str, what: str, counts: Sequence[int], length: int) -> T
     return counts
 
 
+def _check_strides(name: str, strides: Optional[Sequence]) -> Tuple[Stride, ...]:
+    """The 4 down-sampling strides as ``(h, w, d)`` triples of 1 or 2 (an int ``s`` is ``(s, s, s)``);
+    None: 2 everywhere."""
+    if strides is None:
+        strides = (2, 2, 2, 2)
+    triples = [(int(s),) * 3 if isinstance(s, int) else tuple(int(v) for v in s) for s in strides]
+    if len(triples) != 4 or any(len(t) != 3 or not set(t) <= {1, 2} for t in triples):
+        raise ValueError(
+            f"{name}: strides must be 4 down-sampling steps, each 1 or 2 or an (h, w, d) triple of 1s and 2s, "
+            f"found {list(strides)}."
+        )
+    return tuple(triples)  # type: ignore[return-value]
+
+
+def stride_divisors(strides: Optional[Sequence] = None) -> List[int]:
+    """Per spatial axis, the number every input size must be a multiple of: the product of ``strides``
+    along it (``[16, 16, 16]`` for the default 2x2x2 steps, ``[16, 16, 4]`` for ``[[2, 2, 1], [2, 2, 1], 2, 2]``).
+
+    Raises:
+        ValueError: for strides that are not 4 steps of 1s and 2s.
+    """
+    return [math.prod(t[axis] for t in _check_strides("stride_divisors", strides)) for axis in range(3)]
+
+
 def _fmt(dims: List[int]) -> str:
     return "(" + ", ".join([str(d) for d in dims]) + ")"
 
 
-def _check_input(name: str, x: torch.Tensor, in_channels: int) -> None:
-    """Raise ``ValueError`` unless ``x`` is ``[B, in_channels, H, W, D]`` with ``H, W, D`` divisible by 16."""
+def _check_input(name: str, x: torch.Tensor, in_channels: int, divisors: List[int]) -> None:
+    """Raise ``ValueError`` unless ``x`` is ``[B, in_channels, H, W, D]`` with ``H, W, D`` divisible by ``divisors``."""
     shape: List[int] = [int(s) for s in x.shape]
     if len(shape) != 5 or shape[1] != in_channels:
         raise ValueError(
             name + ": expected input of shape [B, " + str(in_channels) + ", H, W, D], found shape " + _fmt(shape) + "."
         )
     spatial = shape[2:]
-    for s in spatial:
-        if s % 16 != 0:
+    for s, k in zip(spatial, divisors):
+        if s % k != 0:
+            uniform = divisors[0] == divisors[1] and divisors[1] == divisors[2]
+            what = str(k) + " in every dimension" if uniform else _fmt(divisors) + " along its axes (the strides' products)"
+            pad = str(k) if uniform else str(divisors)
             raise ValueError(
-                name + ": spatial size " + _fmt(spatial) + " must be divisible by 16 in every dimension; "
-                "pad or crop the input (e.g. with monai.transforms.DivisiblePadd(k=16))."
+                name + ": spatial size " + _fmt(spatial) + " must be divisible by " + what + "; pad or crop the input "
+                "(e.g. with monai.transforms.DivisiblePadd(k=" + pad + "))."
             )
 
 
@@ -159,10 +189,10 @@ class _PointwiseConv3d(nn.Conv3d):
 class _ConvNormAct(nn.Sequential):
     """Conv (or transposed conv) + norm + ReLU."""
 
-    def __init__(self, cin: int, cout: int, norm: str, kernel: int = 3, stride: int = 1, transposed: bool = False):
+    def __init__(self, cin: int, cout: int, norm: str, kernel=3, stride=1, transposed: bool = False):
         conv_type = nn.ConvTranspose3d if transposed else nn.Conv3d
         super().__init__(
-            conv_type(cin, cout, kernel, stride=stride, padding=(kernel - 1) // 2 if kernel % 2 else 0),
+            conv_type(cin, cout, kernel, stride=stride, padding=1 if kernel == 3 else 0),
             _norm(norm, cout),
             nn.ReLU(inplace=True),
         )
@@ -175,22 +205,22 @@ class _ConvBlock(nn.Sequential):
         super().__init__(*[_ConvNormAct(cin if i == 0 else cout, cout, norm) for i in range(n)])
 
 
-def _down(cin: int, cout: int, norm: str) -> nn.Module:
-    """Stride-2 2x2x2 conv + norm + ReLU (halves the resolution)."""
-    return _ConvNormAct(cin, cout, norm, kernel=2, stride=2)
+def _down(cin: int, cout: int, norm: str, stride: Stride) -> nn.Module:
+    """Conv + norm + ReLU with kernel = stride (2x2x2 halves every axis; 2x2x1 keeps the last)."""
+    return _ConvNormAct(cin, cout, norm, kernel=stride, stride=stride)
 
 
-def _up(cin: int, cout: int, norm: str) -> nn.Module:
-    """Stride-2 2x2x2 transposed conv + norm + ReLU (doubles the resolution)."""
-    return _ConvNormAct(cin, cout, norm, kernel=2, stride=2, transposed=True)
+def _up(cin: int, cout: int, norm: str, stride: Stride) -> nn.Module:
+    """Transposed conv + norm + ReLU with kernel = stride (undoes :func:`_down` of the same stride)."""
+    return _ConvNormAct(cin, cout, norm, kernel=stride, stride=stride, transposed=True)
 
 
 class _UpStage(nn.Module):
     """``block(up(x) + skip)``: one V-Net decoder level with an additive skip connection."""
 
-    def __init__(self, cin: int, cout: int, n_convs: int, norm: str):
+    def __init__(self, cin: int, cout: int, n_convs: int, norm: str, stride: Stride):
         super().__init__()
-        self.up = _up(cin, cout, norm)
+        self.up = _up(cin, cout, norm, stride)
         self.block = _ConvBlock(n_convs, cout, cout, norm)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -208,14 +238,18 @@ class _VNetDecoder(nn.Module):
         norm: normalisation, one of ``"batch"``, ``"instance"``, ``"group"``, ``"none"``.
         dropout: Dropout3d probability (0 disables it).
         blocks: conv blocks of the decoder levels, deepest first.
+        strides: the encoder's 4 down-sampling strides, shallowest first (each level up-samples by its own).
     """
 
-    def __init__(self, n_filters: int, norm: str, dropout: float, blocks: Sequence[int] = _DECODER_BLOCKS):
+    def __init__(
+        self, n_filters: int, norm: str, dropout: float, blocks: Sequence[int], strides: Sequence[Stride]
+    ):
         super().__init__()
         self.bottleneck_dropout = nn.Dropout3d(dropout)
         self.out_dropout = nn.Dropout3d(dropout)
         self.stages = nn.ModuleList(
-            [_UpStage(n_filters * 2 ** (4 - i), n_filters * 2 ** (3 - i), blocks[i], norm) for i in range(4)]
+            [_UpStage(n_filters * 2 ** (4 - i), n_filters * 2 ** (3 - i), blocks[i], norm, strides[3 - i])
+             for i in range(4)]
         )
 
     def forward(self, feats: List[torch.Tensor]) -> torch.Tensor:
@@ -238,21 +272,21 @@ class _Encoder(nn.Module):
 
 
 class _VNetEncoder(_Encoder):
-    """V-Net encoder: ``stages[i]`` conv blocks at ``f * 2**i`` channels, stride-2 conv down-sampling between."""
+    """V-Net encoder: ``stages[i]`` conv blocks at ``f * 2**i`` channels, strided conv down-sampling between."""
 
-    def __init__(self, in_channels: int, n_filters: int, stages: Sequence[int], norm: str):
+    def __init__(self, in_channels: int, n_filters: int, stages: Sequence[int], norm: str, strides: Sequence[Stride]):
         super().__init__()
         levels: List[nn.Module] = [_ConvBlock(stages[0], in_channels, n_filters, norm)]
         for i in range(1, 5):
             cin, cout = n_filters * 2 ** (i - 1), n_filters * 2**i
-            levels.append(nn.Sequential(_down(cin, cout, norm), _ConvBlock(stages[i], cout, cout, norm)))
+            levels.append(nn.Sequential(_down(cin, cout, norm, strides[i - 1]), _ConvBlock(stages[i], cout, cout, norm)))
         self.levels = nn.ModuleList(levels)
 
 
 class _BasicBlock(nn.Module):
     """ResNet basic block: two 3x3x3 convs with norm; identity or 1x1x1 conv + norm shortcut."""
 
-    def __init__(self, cin: int, cout: int, stride: int, norm: str):
+    def __init__(self, cin: int, cout: int, stride: Stride, norm: str):
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv3d(cin, cout, 3, stride=stride, padding=1, bias=False),
@@ -261,7 +295,7 @@ class _BasicBlock(nn.Module):
             nn.Conv3d(cout, cout, 3, padding=1, bias=False),
             _norm(norm, cout),
         )
-        if stride != 1 or cin != cout:
+        if max(stride) != 1 or cin != cout:
             self.shortcut: nn.Module = nn.Sequential(
                 nn.Conv3d(cin, cout, 1, stride=stride, bias=False), _norm(norm, cout)
             )
@@ -274,15 +308,17 @@ class _BasicBlock(nn.Module):
 
 
 class _ResNetEncoder(_Encoder):
-    """3D ResNet encoder: 7x7x7 stem (stride 1, no max-pool) and 4 stages of basic blocks at ``/2 .. /16``."""
+    """3D ResNet encoder: 7x7x7 stem (stride 1, no max-pool) and 4 stages of basic blocks, each down-sampling
+    by its stride in its first block (``/2 .. /16`` by default)."""
 
-    def __init__(self, in_channels: int, n_filters: int, blocks: Sequence[int], norm: str):
+    def __init__(self, in_channels: int, n_filters: int, blocks: Sequence[int], norm: str, strides: Sequence[Stride]):
         super().__init__()
         stem = nn.Conv3d(in_channels, n_filters, 7, padding=3, bias=False)
         levels: List[nn.Module] = [nn.Sequential(stem, _norm(norm, n_filters), nn.ReLU(inplace=True))]
         for i in range(4):
             cin, cout = n_filters * 2**i, n_filters * 2 ** (i + 1)
-            stage = [_BasicBlock(cin if j == 0 else cout, cout, 2 if j == 0 else 1, norm) for j in range(blocks[i])]
+            stage = [_BasicBlock(cin if j == 0 else cout, cout, strides[i] if j == 0 else (1, 1, 1), norm)
+                     for j in range(blocks[i])]
             levels.append(nn.Sequential(*stage))
         self.levels = nn.ModuleList(levels)
 
@@ -292,15 +328,16 @@ class _EncoderDecoderNet(nn.Module):
 
     def __init__(
         self, name: str, encoder: nn.Module, in_channels: int, out_channels: int, n_filters: int,
-        norm: str, dropout: float, proj_dim: int, decoder_blocks: Sequence[int], memory_format: str = "contiguous",
+        norm: str, dropout: float, proj_dim: int, strides: Sequence[Stride], memory_format: str = "contiguous",
     ):
         super().__init__()
         if proj_dim < 0:
             raise ValueError(f"{name}: proj_dim must be >= 0, found {proj_dim}.")
         self.net_name = name
         self.in_channels = int(in_channels)
+        self.divisors: List[int] = stride_divisors(strides)
         self.encoder = encoder
-        self.decoder = _VNetDecoder(n_filters, norm, dropout, decoder_blocks)
+        self.decoder = _VNetDecoder(n_filters, norm, dropout, _DECODER_BLOCKS, strides)
         self.out_conv = _PointwiseConv3d(n_filters, out_channels, contiguous_output=True)
         if proj_dim > 0:
             self.proj: nn.Module = nn.Sequential(
@@ -320,7 +357,7 @@ class _EncoderDecoderNet(nn.Module):
         return self
 
     def _decode(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(self.net_name, x, self.in_channels)
+        _check_input(self.net_name, x, self.in_channels, self.divisors)
         if self.channels_last:  # a no-op for channels_last inputs, a stride change only for one channel
             x = x.contiguous(memory_format=torch.channels_last_3d)
         return self.decoder(self.encoder(x))
@@ -357,14 +394,15 @@ class VNet(_EncoderDecoderNet):
             decoder features (1x1x1 conv, ReLU, 1x1x1 conv) instead of the raw features.
         memory_format: ``"contiguous"`` or ``"channels_last"`` (weights and feature maps in
             ``torch.channels_last_3d``; faster on CPU); see :meth:`set_memory_format`.
+        strides: the 4 down-sampling steps, each 1 or 2 or an ``(h, w, d)`` triple of them (None: 2).
 
     Shapes:
         ``forward``: ``[B, in_channels, H, W, D] -> [B, out_channels, H, W, D]``, with ``H, W, D``
-        divisible by 16.
+        divisible by :func:`stride_divisors` of ``strides`` (16 each by default).
 
     Raises:
-        ValueError: for an unknown ``norm``, invalid ``stages``, or (in ``forward``) an input of the
-            wrong rank/channels or with a spatial size not divisible by 16.
+        ValueError: for an unknown ``norm``, invalid ``stages`` or ``strides``, or (in ``forward``) an
+            input of the wrong rank/channels or with a spatial size not divisible by the strides.
     """
 
     def __init__(
@@ -377,13 +415,14 @@ class VNet(_EncoderDecoderNet):
         dropout: float = 0.5,
         proj_dim: int = 0,
         memory_format: str = "contiguous",
+        strides: Optional[Sequence] = None,
     ):
         norm = _check_norm(norm)
         stages = _check_counts("VNet", "stages", stages, 5)
-        encoder = _VNetEncoder(in_channels, n_filters, stages, norm)
+        steps = _check_strides("VNet", strides)
+        encoder = _VNetEncoder(in_channels, n_filters, stages, norm, steps)
         super().__init__(
-            "VNet", encoder, in_channels, out_channels, n_filters, norm, dropout, proj_dim, _DECODER_BLOCKS,
-            memory_format,
+            "VNet", encoder, in_channels, out_channels, n_filters, norm, dropout, proj_dim, steps, memory_format
         )
 
 
@@ -403,14 +442,15 @@ class ResNetVNet(_EncoderDecoderNet):
         proj_dim: if > 0, :meth:`forward_features` returns a ``proj_dim``-channel projection of the
             decoder features instead of the raw features.
         memory_format: ``"contiguous"`` or ``"channels_last"``; see :meth:`set_memory_format`.
+        strides: the 4 residual stages' down-sampling, each 1 or 2 or an ``(h, w, d)`` triple (None: 2).
 
     Shapes:
         ``forward``: ``[B, in_channels, H, W, D] -> [B, out_channels, H, W, D]``, with ``H, W, D``
-        divisible by 16.
+        divisible by :func:`stride_divisors` of ``strides`` (16 each by default).
 
     Raises:
-        ValueError: for an unknown ``norm``, invalid ``blocks``, or (in ``forward``) an input of the
-            wrong rank/channels or with a spatial size not divisible by 16.
+        ValueError: for an unknown ``norm``, invalid ``blocks`` or ``strides``, or (in ``forward``) an
+            input of the wrong rank/channels or with a spatial size not divisible by the strides.
     """
 
     def __init__(
@@ -423,13 +463,14 @@ class ResNetVNet(_EncoderDecoderNet):
         dropout: float = 0.5,
         proj_dim: int = 0,
         memory_format: str = "contiguous",
+        strides: Optional[Sequence] = None,
     ):
         norm = _check_norm(norm)
         blocks = _check_counts("ResNetVNet", "blocks", blocks, 4)
-        encoder = _ResNetEncoder(in_channels, n_filters, blocks, norm)
+        steps = _check_strides("ResNetVNet", strides)
+        encoder = _ResNetEncoder(in_channels, n_filters, blocks, norm, steps)
         super().__init__(
-            "ResNetVNet", encoder, in_channels, out_channels, n_filters, norm, dropout, proj_dim, _DECODER_BLOCKS,
-            memory_format,
+            "ResNetVNet", encoder, in_channels, out_channels, n_filters, norm, dropout, proj_dim, steps, memory_format
         )
 
 
@@ -455,6 +496,7 @@ class DualNet(nn.Module):
         n_filters_b: base width of ``net_b`` (``None``: same as ``n_filters``).
         memory_format: ``"contiguous"`` or ``"channels_last"`` for both networks (see
             :func:`resolve_memory_format` for the configs' ``"auto"``); the output is in the same format.
+        strides: the 4 down-sampling steps of both networks (see :class:`VNet`; None: 2x2x2 each).
 
     Shapes:
         ``forward``: ``[B, in_channels, H, W, D] -> [B, out_channels, H, W, D]``
@@ -479,6 +521,7 @@ class DualNet(nn.Module):
         output: str = "prob",
         n_filters_b: Optional[int] = None,
         memory_format: str = "contiguous",
+        strides: Optional[Sequence] = None,
     ):
         super().__init__()
         if output not in self.OUTPUTS:
@@ -486,8 +529,8 @@ class DualNet(nn.Module):
         self.output: str = output
         nb = n_filters if n_filters_b is None else n_filters_b
         fmt = memory_format
-        self.net_a = ResNetVNet(in_channels, out_channels, n_filters, resnet_blocks, norm, dropout, proj_dim, fmt)
-        self.net_b = VNet(in_channels, out_channels, nb, vnet_stages, norm, dropout, proj_dim, fmt)
+        self.net_a = ResNetVNet(in_channels, out_channels, n_filters, resnet_blocks, norm, dropout, proj_dim, fmt, strides)
+        self.net_b = VNet(in_channels, out_channels, nb, vnet_stages, norm, dropout, proj_dim, fmt, strides)
 
     def set_memory_format(self, memory_format: str) -> "DualNet":
         """:meth:`ResNetVNet.set_memory_format` of both networks; returns the ensemble."""

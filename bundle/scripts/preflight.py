@@ -147,17 +147,22 @@ def _check_case(
     return [f"case '{case}' (key '{key}'): {problem}" for key, problem in found], shape, values, foreground
 
 
-def _check_patch(patch_size: Sequence[int], divisor: int) -> None:
-    """Raise ``ValueError`` unless every size of ``patch_size`` is divisible by ``divisor``, suggesting the nearest."""
+def _check_patch(patch_size: Sequence[int], divisor: int | Sequence[int]) -> None:
+    """Raise ``ValueError`` unless every size of ``patch_size`` is divisible by ``divisor`` (one number, or one
+    per axis), suggesting the nearest valid sizes."""
     sizes = [int(p) for p in patch_size]
-    bad = [p for p in sizes if p % divisor]
+    divisors = [int(divisor)] * len(sizes) if isinstance(divisor, int) else [int(k) for k in divisor]
+    if len(divisors) != len(sizes):
+        raise ValueError(f"patch_divisor {divisors}: expected one number or {len(sizes)} (one per axis of patch_size {sizes}).")
+    bad = [p for p, k in zip(sizes, divisors) if p % k]
     if bad:
-        lower = [max(p // divisor, 1) * divisor for p in sizes]
-        upper = [-(-p // divisor) * divisor for p in sizes]
+        lower = [max(p // k, 1) * k for p, k in zip(sizes, divisors)]
+        upper = [-(-p // k) * k for p, k in zip(sizes, divisors)]
+        what = (f"{divisors[0]} (the networks downsample {divisors[0].bit_length() - 1} times)" if len(set(divisors)) == 1
+                else f"{divisors} along its axes (the product of the networks' strides along each)")
         raise ValueError(
-            f"patch_size {sizes}: every size must be divisible by {divisor} (the networks downsample "
-            f"{divisor.bit_length() - 1} times), found {', '.join(map(str, bad))}; nearest valid patch sizes: "
-            f"{lower} or {upper}."
+            f"patch_size {sizes}: every size must be divisible by {what}, found {', '.join(map(str, bad))}; "
+            f"nearest valid patch sizes: {lower} or {upper}."
         )
 
 
@@ -214,7 +219,7 @@ def preflight(
     allow_pad: bool = True,
     transform=None,
     in_channels: int = 1,
-    patch_divisor: int = 1,
+    patch_divisor: int | Sequence[int] = 1,
 ) -> dict:
     """
     Check a datalist before training: ``patch_size`` is divisible by ``patch_divisor`` (checked first,
@@ -243,8 +248,9 @@ def preflight(
         transform: the config's ``dataset_transform``, applied to each loaded (channel-first) case
             before the channel, intensity and empty-label checks; None: no transform.
         in_channels: number of image channels the networks take.
-        patch_divisor: every patch size must be a multiple of it (16 for the bundle's networks,
-            which downsample 4 times; 1: no check).
+        patch_divisor: every patch size must be a multiple of it, one number or one per axis (16 for the
+            bundle's networks, which downsample 4 times by 2; :func:`~monai_dualssl.networks.stride_divisors`
+            for other strides; 1: no check).
 
     Returns:
         a summary: case counts per split, ``min_shape`` / ``max_shape`` over the images, the
