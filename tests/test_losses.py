@@ -82,6 +82,8 @@ def test_channel_max_matches_torch_max_in_both_memory_formats(classes):
         assert torch.equal(values, expected.values)
         # the first maximal channel, as argmax documents
         assert torch.equal(index, (x == expected.values.unsqueeze(1)).float().argmax(dim=1))
+        narrow = _max(t, torch.int8)[1]
+        assert narrow.dtype == torch.int8 and torch.equal(narrow.long(), index)
 
 
 @pytest.mark.parametrize(
