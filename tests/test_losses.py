@@ -63,6 +63,19 @@ def test_sigmoid_rampup():
     assert sigmoid_rampup(0.5, 1, 2.0) == pytest.approx(2.0 * math.exp(-1.25))
 
 
+def test_mutual_correction_mask_with_more_classes_than_int8_holds():
+    # 200 classes: confident class 150 in both (no), 150 vs background (yes), 150 vs 199 (yes), 150 vs unsure (yes)
+    def logits(classes):
+        z = torch.zeros(1, 200, len(classes))
+        for v, c in enumerate(classes):
+            if c is not None:
+                z[0, c, v] = 20.0
+        return z
+
+    mask = MutualCorrectionLoss(threshold=0.6).mask(logits([150, 150, 150, 150]), logits([150, 0, 199, None]))
+    assert mask.tolist() == [[[False, True, True, True]]]
+
+
 def test_channel_max_by_hand_first_index_on_ties():
     # voxels: a clear max in each channel, a tie of channels 1 and 2, a three-way tie, -inf and +inf
     x = torch.tensor([[[1.0, 0.0, 2.0, 5.0, 0.0], [3.0, 4.0, 2.0, 1.0, float("inf")], [2.0, 4.0, 2.0, 0.0, 1.0]]])
