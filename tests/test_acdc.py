@@ -220,6 +220,31 @@ def test_acdc_configs(fake_acdc):
     assert la.get_parsed_content("eval_split") == "validation" and la.get_parsed_content("h5_transpose") is None
 
 
+def test_labeled_crops_are_centred_on_foreground_half_the_time(tmp_path):
+    """acdc.yaml's labeled stream crops with RandCropByPosNegLabeld (pos 1, neg 1), the unlabeled one at random:
+    on a 300 x 300 stack whose only labeled voxels are a 4 x 4 x 1 corner patch, about half the labeled crops
+    hold it, random crops (almost) never do."""
+    root = write_fake_acdc(tmp_path / "acdc")
+    for n in range(1, 13):  # p1_frame01: 12 slices of 300 x 300, foreground only at one corner of slice 6
+        label = np.zeros((300, 300), np.uint8)
+        if n == 6:
+            label[10:14, 10:14] = 3
+        with h5py.File(root / "data" / f"p1_frame01_slice_{n}.h5", "w") as f:
+            f["image"], f["label"] = np.random.default_rng(n).random((300, 300), dtype=np.float32), label
+    p = parsed(dataset_dir=str(root), num_labeled=1, cache_rate=0.0)
+    labeled, unlabeled = p.get_parsed_content("train#dataset"), p.get_parsed_content("train#unlabeled_dataset")
+    assert [type(t).__name__ for t in labeled.transform.transforms][7:9] == ["SpatialPadd", "RandCropByPosNegLabeld"]
+    assert [type(t).__name__ for t in unlabeled.transform.transforms][7:9] == ["SpatialPadd", "RandSpatialCropd"]
+    random_crop = p.get_parsed_content("train#preprocessing")
+    labeled.transform.set_random_state(seed=0)
+    random_crop.set_random_state(seed=0)
+    centred = [labeled[0][0] for _ in range(20)]
+    assert all(c["image"].shape == (1, 96, 96, 16) for c in centred)
+    hits = sum(bool(c["label"].any()) for c in centred)
+    assert 5 <= hits <= 15
+    assert sum(bool(random_crop(labeled.data[0])["label"].any()) for _ in range(20)) <= 1
+
+
 def test_tiny_four_class_training_and_test_evaluation(fake_acdc, tmp_path):
     """train.yaml + acdc.yaml + acdc_cpu.yaml on the generated folder (tiny networks and patches): training
     validates on val.list, evaluate.yaml scores test.list per class and the mean over the three structures."""
