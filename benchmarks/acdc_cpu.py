@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from la_cpu import command, curves, timed  # noqa: E402  (the LA study's runner, shared)
+from la_cpu import command, curves, records_json, timed  # noqa: E402  (the LA study's runner, shared)
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
@@ -209,7 +209,7 @@ def collect(output: Path, prefix: str = "acdc_cpu") -> None:
         raise SystemExit(f"no finished run (bundle/runs/{prefix}_*pct_s*/record.json) to collect.")
     rows, tests = aggregate(records), paired_tests(records)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps({"summary": rows, "tests": tests, "runs": records}, indent=2) + "\n")
+    output.write_text(records_json({"summary": rows, "tests": tests, "runs": records}))
     figure(records, output.with_suffix(".png"))
     print(f"{len(records)} runs -> {output}, {output.with_suffix('.png')}")
     print(report(rows, tests))

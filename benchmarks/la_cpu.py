@@ -67,9 +67,15 @@ def command(workflow: str, configs: list[str], dataset_dir: str, name: str, over
     files = "[" + ",".join(f"'{c}'" for c in configs) + "]"
     args = [sys.executable, "-m", "monai.bundle", "run", workflow, "--config_file", files,
             "--dataset_dir", dataset_dir, "--run_name", name, "--model_dir", f"bundle/runs/{name}/models"]
-    for key, value in overrides.items():
-        args += [f"--{key}", str(value)]
+    for key, value in overrides.items():  # paths in the repository relative to it (the runs' working directory)
+        args += [f"--{key}", str(value.relative_to(REPO) if isinstance(value, Path) and value.is_relative_to(REPO) else value)]
     return args
+
+
+def records_json(records: dict) -> str:
+    """``records`` as JSON with this checkout's path left out (records of runs made before the commands
+    held relative paths), so the results name no machine path."""
+    return json.dumps(records, indent=2).replace(str(REPO) + "/", "") + "\n"
 
 
 def timed(args: list[str], log: Path, threads: int | None, append: bool = False) -> float:
@@ -254,7 +260,7 @@ def collect(output: Path) -> None:
     rows, tests = aggregate(records), paired_tests(records)
     supervised_tests = paired_tests(records, reference="supervised")
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps({"summary": rows, "tests": tests + supervised_tests, "runs": records}, indent=2) + "\n")
+    output.write_text(records_json({"summary": rows, "tests": tests + supervised_tests, "runs": records}))
     figure(records, output.with_suffix(".png"))
     print(f"{len(records)} runs -> {output}, {output.with_suffix('.png')}")
     print(report(rows, tests))

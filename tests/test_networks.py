@@ -118,7 +118,7 @@ def test_anisotropic_dualnet_scripts_and_matches_eager():
         assert torch.allclose(torch.jit.script(net)(x), net(x), atol=1e-6)
 
 
-@pytest.mark.parametrize("strides", [[2, 2, 2], [2, 2, 2, 3], [[2, 2], 2, 2, 2], [0, 2, 2, 2]])
+@pytest.mark.parametrize("strides", [[2, 2, 2], [2, 2, 2, 3], [[2, 2], 2, 2, 2], [0, 2, 2, 2], 2, [2.5, 2, 2, 2]])
 def test_invalid_strides(strides):
     with pytest.raises(ValueError, match=r"strides must be 4 down-sampling steps"):
         VNet(n_filters=4, strides=strides)

@@ -29,3 +29,13 @@ def test_the_runner_sets_the_threads_and_fails_loudly(tmp_path):
     assert log.read_text() == "3\n" and seconds > 0
     with pytest.raises(subprocess.CalledProcessError):
         la_cpu.timed([sys.executable, "-c", "raise SystemExit(2)"], log, threads=None)
+
+
+def test_commands_and_results_name_no_machine_path(tmp_path):
+    run = la_cpu.BUNDLE / "runs" / "x"
+    args = la_cpu.command("evaluating", ["bundle/configs/train.yaml"], "/data/la", "x",
+                          {"ckpt_path": run / "models" / "model.pt", "eval_dir": tmp_path, "lr": 0.5})
+    assert args[args.index("--ckpt_path") + 1] == "bundle/runs/x/models/model.pt"  # relative to the runs' cwd
+    assert args[args.index("--eval_dir") + 1] == str(tmp_path) and args[args.index("--lr") + 1] == "0.5"
+    text = la_cpu.records_json({"runs": [{"command": f"python x --ckpt_path {run}/models/model.pt"}]})
+    assert str(la_cpu.REPO) not in text and "--ckpt_path bundle/runs/x/models/model.pt" in text

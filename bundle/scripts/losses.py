@@ -102,7 +102,8 @@ def _max(x: torch.Tensor, dtype: torch.dtype = torch.long) -> tuple[torch.Tensor
     The index counts the leading channels below the maximum, ``sum_c prod_{c' <= c} 1[x_c' < max]``:
     ``C - 1`` elementwise passes after ``amax``, several times faster on CPU than ``max(dim=1)`` or
     ``argmax(dim=1)``, whose reductions over the channel stride are slow. A narrow ``dtype`` (int8 for
-    fewer than 128 classes) makes the passes over an index that is only compared cheaper.
+    fewer than 128 classes) makes the passes over an index that is only compared cheaper. Unlike ``max``, a
+    NaN is not taken as the maximum's index (the value is NaN; callers stop on non-finite losses anyway).
     """
     values = x.amax(dim=1)
     index = torch.zeros_like(values, dtype=dtype)
@@ -477,8 +478,8 @@ class PrototypeContrastiveLoss(_Loss):
         hot = F.one_hot(pseudo, n_classes).float() * reliable.unsqueeze(-1)  # [B, N, C]
         present = hot.sum(dim=(0, 1)) > 0  # [C]
         # sum of unit features per class, f / |f| folded into the one-hot weights (no normalised copy of f)
-        norms = torch.linalg.vector_norm(flat.detach().float(), dim=1).clamp_min(1e-12)  # [B, N]
-        sums = torch.einsum("bfn,bnc->cf", flat.detach().float(), hot / norms.unsqueeze(-1))
+        f = flat.detach().float()
+        sums = torch.einsum("bfn,bnc->cf", f, hot / torch.linalg.vector_norm(f, dim=1).clamp_min(1e-12).unsqueeze(-1))
         protos = _unit(sums)
 
         uncertain = ~reliable.flatten()

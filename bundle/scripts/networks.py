@@ -10,9 +10,9 @@ All networks down-sample 4 times, by 2 along every axis unless ``strides`` says 
 ``[[2, 2, 1], [2, 2, 1], 2, 2]`` keeps a short, coarse slice axis at full resolution for two levels),
 take ``[B, in_channels, H, W, D]`` inputs whose spatial sizes are divisible by the product of the
 strides along each axis (16 by default; see :func:`stride_divisors`) and return one tensor
-``[B, out_channels, H, W, D]`` from ``forward`` (so MONAI inferers and TorchScript export work); :meth:`VNet.forward_features` / :meth:`ResNetVNet.forward_features`
-additionally return the last decoder feature map (optionally through a projection head) for
-feature-level losses.
+``[B, out_channels, H, W, D]`` from ``forward`` (so MONAI inferers and TorchScript export work);
+:meth:`VNet.forward_features` / :meth:`ResNetVNet.forward_features` additionally return the last
+decoder feature map (optionally through a projection head) for feature-level losses.
 
 Memory format: every network takes ``memory_format`` (``"contiguous"`` or ``"channels_last"``, see
 :data:`MEMORY_FORMATS`); with ``"channels_last"`` its weights and every feature map are
@@ -121,11 +121,12 @@ def _check_strides(name: str, strides: Optional[Sequence]) -> Tuple[Stride, ...]
     None: 2 everywhere."""
     if strides is None:
         strides = (2, 2, 2, 2)
-    triples = [(int(s),) * 3 if isinstance(s, int) else tuple(int(v) for v in s) for s in strides]
+    steps = strides if isinstance(strides, (list, tuple)) else [strides]
+    triples = [(s,) * 3 if isinstance(s, int) else tuple(s) if isinstance(s, (list, tuple)) else (s,) for s in steps]
     if len(triples) != 4 or any(len(t) != 3 or not set(t) <= {1, 2} for t in triples):
         raise ValueError(
             f"{name}: strides must be 4 down-sampling steps, each 1 or 2 or an (h, w, d) triple of 1s and 2s, "
-            f"found {list(strides)}."
+            f"found {strides!r}."
         )
     return tuple(triples)  # type: ignore[return-value]
 
@@ -155,7 +156,7 @@ def _check_input(name: str, x: torch.Tensor, in_channels: int, divisors: List[in
     for s, k in zip(spatial, divisors):
         if s % k != 0:
             uniform = divisors[0] == divisors[1] and divisors[1] == divisors[2]
-            what = str(k) + " in every dimension" if uniform else _fmt(divisors) + " along its axes (the strides' products)"
+            what = str(k) + " in every dimension" if uniform else _fmt(divisors) + " along its axes (strides' products)"
             pad = str(k) if uniform else str(divisors)
             raise ValueError(
                 name + ": spatial size " + _fmt(spatial) + " must be divisible by " + what + "; pad or crop the input "
@@ -189,9 +190,11 @@ class _PointwiseConv3d(nn.Conv3d):
 class _ConvNormAct(nn.Sequential):
     """Conv (or transposed conv) + norm + ReLU."""
 
-    def __init__(self, cin: int, cout: int, norm: str, kernel=3, stride=1, transposed: bool = False):
+    def __init__(self, cin: int, cout: int, norm: str, kernel: int | Stride = 3, stride: int | Stride = 1,
+                 transposed: bool = False):
         conv_type = nn.ConvTranspose3d if transposed else nn.Conv3d
         super().__init__(
+            # kernel 3: padded to keep the size; kernel = stride (down / up-sampling): no padding
             conv_type(cin, cout, kernel, stride=stride, padding=1 if kernel == 3 else 0),
             _norm(norm, cout),
             nn.ReLU(inplace=True),
