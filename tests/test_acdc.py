@@ -321,3 +321,21 @@ def test_real_acdc_preflight_of_the_labeled_and_validation_cases(real_acdc):
     summary = preflight(small, num_classes=4, patch_size=(96, 96, 16), patch_divisor=16, reader=readers())
     assert summary["label_values"] == [0, 1, 2, 3]
     assert all(6 <= s <= 18 for s in (summary["min_shape"][2], summary["max_shape"][2]))
+
+
+def test_fit_probe_prints_loss_and_class_counts(fake_acdc):
+    """benchmarks/fit_probe.py on the generated folder: a line per reported step, the label's class counts equal
+    on a fixed batch, an override reaching the config."""
+    import subprocess
+    import sys
+
+    script = CONFIGS.parents[1] / "benchmarks" / "fit_probe.py"
+    out = subprocess.run([sys.executable, str(script), "--dataset_dir", str(fake_acdc), "--fixed_batch", "--iterations", "4",
+                          "--every", "2", "--override", "n_filters", "4", "--override", "num_labeled", "2"],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0].startswith("net_a of train.yaml + acdc.yaml + acdc_cpu.yaml + supervised.yaml, sgd lr 0.01, one fixed batch")
+    steps = [line.split(" ", 2) for line in out[1:]]
+    assert [s[0] for s in steps] == ["2", "4"] and all(float(s[1]) > 0 for s in steps)
+    predicted, label = (json.loads(part) for part in steps[0][2].split(" | "))
+    assert len(predicted) == len(label) == 4 and sum(predicted) == sum(label) == 2 * 96 * 96 * 16
+    assert steps[1][2].split(" | ")[1] == steps[0][2].split(" | ")[1]  # the same batch
