@@ -37,6 +37,11 @@ def value(text: str):
         return text
 
 
+def counts(labels: torch.Tensor, classes: int) -> list[int]:
+    """Voxels per class of a label map."""
+    return torch.bincount(labels.flatten(), minlength=classes).tolist()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["train.yaml", "acdc.yaml", "acdc_cpu.yaml", "supervised.yaml"])
@@ -76,8 +81,7 @@ def main() -> None:
         loss.backward()
         opt.step()
         if step % args.every == 0:
-            count = lambda t: torch.bincount(t.flatten(), minlength=classes).tolist()  # noqa: E731
-            print(step, f"{float(loss):.3f}", count(z.detach().argmax(1)), "|", count(y), flush=True)
+            print(step, f"{float(loss):.3f}", counts(z.detach().argmax(1), classes), "|", counts(y, classes), flush=True)
 
 
 if __name__ == "__main__":

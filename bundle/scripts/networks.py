@@ -188,14 +188,13 @@ class _PointwiseConv3d(nn.Conv3d):
 
 
 class _ConvNormAct(nn.Sequential):
-    """Conv (or transposed conv) + norm + ReLU."""
+    """Conv (or transposed conv) + norm + ReLU; the default 3x3x3 kernel with padding 1 keeps the size."""
 
     def __init__(self, cin: int, cout: int, norm: str, kernel: int | Stride = 3, stride: int | Stride = 1,
-                 transposed: bool = False):
+                 padding: int = 1, transposed: bool = False):
         conv_type = nn.ConvTranspose3d if transposed else nn.Conv3d
         super().__init__(
-            # kernel 3: padded to keep the size; kernel = stride (down / up-sampling): no padding
-            conv_type(cin, cout, kernel, stride=stride, padding=1 if kernel == 3 else 0),
+            conv_type(cin, cout, kernel, stride=stride, padding=padding),
             _norm(norm, cout),
             nn.ReLU(inplace=True),
         )
@@ -210,12 +209,12 @@ class _ConvBlock(nn.Sequential):
 
 def _down(cin: int, cout: int, norm: str, stride: Stride) -> nn.Module:
     """Conv + norm + ReLU with kernel = stride (2x2x2 halves every axis; 2x2x1 keeps the last)."""
-    return _ConvNormAct(cin, cout, norm, kernel=stride, stride=stride)
+    return _ConvNormAct(cin, cout, norm, kernel=stride, stride=stride, padding=0)
 
 
 def _up(cin: int, cout: int, norm: str, stride: Stride) -> nn.Module:
     """Transposed conv + norm + ReLU with kernel = stride (undoes :func:`_down` of the same stride)."""
-    return _ConvNormAct(cin, cout, norm, kernel=stride, stride=stride, transposed=True)
+    return _ConvNormAct(cin, cout, norm, kernel=stride, stride=stride, padding=0, transposed=True)
 
 
 class _UpStage(nn.Module):
