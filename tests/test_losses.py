@@ -14,8 +14,10 @@ from monai_dualssl.losses import (
     MutualCorrectionLoss,
     PrototypeContrastiveLoss,
     SupervisedLoss,
+    _kth_per_class,
     _max,
     lowest_fraction,
+    lowest_fraction_per_class,
     sigmoid_rampup,
 )
 
@@ -113,6 +115,63 @@ def test_lowest_fraction_by_hand(values, ratio, kept):
     mask = lowest_fraction(torch.tensor(values).view(1, 1, -1), ratio)
     assert mask.dtype == torch.bool and mask.shape == (1, 1, 5)
     assert torch.nonzero(mask.flatten()).flatten().tolist() == kept
+
+
+def lowest_by_hand(values, classes, ratio, scope):
+    """Indices kept: the ceil(ratio * n) lowest values of all (ties kept), or of each class (scope "class")."""
+    if scope == "batch":
+        kth = sorted(values)[math.ceil(ratio * len(values)) - 1]
+        return [v for v in range(len(values)) if values[v] <= kth]
+    kept = []
+    for c in set(classes):
+        members = sorted((v for v in range(len(values)) if classes[v] == c), key=values.__getitem__)
+        kept += members[: math.ceil(ratio * len(members))]
+    return sorted(kept)
+
+
+@pytest.mark.parametrize(
+    "values, classes, ratio, kept",
+    [
+        ([0.5, 0.1, 0.9, 0.3, 0.7, 0.2], [0, 0, 0, 1, 1, 2], 0.5, [0, 1, 3, 5]),  # ceil(1.5) = 2, ceil(1) = 1, 1
+        ([0.5, 0.1, 0.9, 0.3, 0.7, 0.2], [0, 0, 0, 1, 1, 2], 1e-6, [1, 3, 5]),    # one per class present
+        ([0.5, 0.1, 0.9, 0.3, 0.7, 0.2], [2, 2, 2, 2, 2, 2], 0.5, [1, 3, 5]),     # one class: as lowest_fraction
+        ([0.5, 0.1, 0.9, 0.3, 0.7, 0.2], [3, 0, 3, 0, 3, 0], 0.6, [0, 1, 4, 5]),  # ceil(1.8) = 2 of each; 1, 2 absent
+        ([0.5, 0.1, 0.9, 0.3, 0.7, 0.2], [0, 0, 0, 1, 1, 2], 1.0, [0, 1, 2, 3, 4, 5]),
+    ],
+)
+def test_lowest_fraction_per_class_by_hand(values, classes, ratio, kept):
+    assert lowest_by_hand(values, classes, ratio, "class") == kept
+    mask = lowest_fraction_per_class(torch.tensor(values).view(1, 1, 2, 3), torch.tensor(classes).view(1, 2, 3), 4, ratio)
+    assert mask.dtype == torch.bool and mask.shape == (1, 1, 2, 3)
+    assert torch.nonzero(mask.flatten()).flatten().tolist() == kept
+
+
+def test_lowest_fraction_per_class_keeps_each_class_share_on_random_data():
+    torch.manual_seed(0)
+    values, classes = torch.rand(2, 1, 10, 10, 10), torch.randint(0, 3, (2, 10, 10, 10))
+    mask = lowest_fraction_per_class(values, classes, 3, 0.8)
+    for c in range(3):
+        member = (classes == c).flatten()
+        v, kept = values.flatten()[member], mask.flatten()[member]
+        assert int(kept.sum()) == math.ceil(0.8 * int(member.sum()))
+        assert v[kept].max() < v[~kept].min()  # the lowest of the class, not of the batch
+    assert torch.equal(lowest_fraction_per_class(values, torch.zeros_like(classes), 3, 0.8), lowest_fraction(values, 0.8))
+
+
+@pytest.mark.parametrize("ratio", [1e-6, 0.3, 0.8, 1.0])
+def test_per_class_thresholds_by_sort_equal_kthvalue(ratio):
+    """The device path (two sorts, for CUDA) and the CPU path (kthvalue per class) find the same thresholds,
+    also with many ties and an absent class."""
+    torch.manual_seed(1)
+    flat, cls = torch.randint(0, 20, (3000,)).float(), torch.randint(0, 4, (3000,))
+    cls[cls == 2] = 3  # classes 2 and 4 absent
+    counts = torch.bincount(cls, minlength=5)
+    k = (ratio * counts).ceil().long()
+    by_sort, by_kth = (_kth_per_class(flat, cls, counts, k, sort=s) for s in (True, False))
+    present = counts > 0
+    assert torch.equal(by_sort[present], by_kth[present])
+    for c in torch.nonzero(present).flatten().tolist():
+        assert by_kth[c] == flat[cls == c].sort().values[k[c] - 1]
 
 
 @pytest.mark.parametrize(
@@ -253,11 +312,10 @@ def test_supervised_by_hand():
     assert SupervisedLoss(alpha=0.0, threshold=0.52).terms(za, target, zb)["corr"].item() == 0.0
 
 
-def cps_by_hand(student, teacher, keep_ratio, t, kl_weighting, rule="certain"):
+def cps_by_hand(student, teacher, keep_ratio, t, kl_weighting, rule="certain", scope="batch"):
     n = len(student)
     h = [ent(p) if rule == "certain" else -ent(p) for p in teacher]
-    kth = sorted(h)[math.ceil(keep_ratio * n) - 1]
-    kept = [v for v in range(n) if h[v] <= kth]
+    kept = lowest_by_hand(h, [argmax(p) for p in teacher], keep_ratio, scope)
     total = 0.0
     for v in range(n):
         d = kl(tempered(teacher[v], t), tempered(student[v], t)) if kl_weighting else 0.0
@@ -268,12 +326,21 @@ def cps_by_hand(student, teacher, keep_ratio, t, kl_weighting, rule="certain"):
     return total / n, kept
 
 
+@pytest.mark.parametrize("scope", ["batch", "class"])
 @pytest.mark.parametrize("pa, pb", [(PA2, PB2), (PA3, PB3)])
 @pytest.mark.parametrize("keep_ratio, t, kl_weighting", [(0.6, 1.0, True), (0.6, 2.0, True), (1.0, 0.5, True), (0.4, 1.0, False)])
-def test_cross_consistency_by_hand(pa, pb, keep_ratio, t, kl_weighting):
-    expected = cps_by_hand(pa, pb, keep_ratio, t, kl_weighting)[0] + cps_by_hand(pb, pa, keep_ratio, t, kl_weighting)[0]
-    loss = CrossConsistencyLoss(keep_ratio=keep_ratio, temperature=t, kl_weighting=kl_weighting)
+def test_cross_consistency_by_hand(pa, pb, keep_ratio, t, kl_weighting, scope):
+    expected = sum(cps_by_hand(s, q, keep_ratio, t, kl_weighting, scope=scope)[0] for s, q in ((pa, pb), (pb, pa)))
+    loss = CrossConsistencyLoss(keep_ratio=keep_ratio, temperature=t, kl_weighting=kl_weighting, filter_scope=scope)
     assert loss(logits_of(pa), logits_of(pb)).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_filter_scope_changes_the_kept_voxels():
+    # PB3's pseudo-labels 2, 0, 2, 1, 2: over the batch the 3 lowest entropies (voxels 0, 1, 4: equal), per class
+    # the 2 lowest of class 2 (0, 4) and the only voxel of classes 0 (1) and 1 (3)
+    kept = {s: CrossConsistencyLoss(keep_ratio=0.6, filter_scope=s).kept(logits_of(PB3))[0, 0] for s in ("batch", "class")}
+    assert torch.nonzero(kept["batch"]).flatten().tolist() == [0, 1, 4]
+    assert torch.nonzero(kept["class"]).flatten().tolist() == [0, 1, 3, 4]
 
 
 def test_filter_rule_and_kept_voxels():
@@ -429,25 +496,35 @@ def prototype_by_hand(feats, pseudo, reliable, tau):
 # pseudo-label is class 2, which has no reliable voxel, hence no prototype: it is skipped
 NO_PROTO_A = [[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [0.5, 0.4, 0.1], [0.6, 0.3, 0.1]]
 NO_PROTO_B = [[0.85, 0.1, 0.05], [0.1, 0.85, 0.05], [0.5, 0.25, 0.25], [0.3, 0.6, 0.1], [0.4, 0.5, 0.1]]
+# a confident majority class and a less confident small one (both networks agree): the batch's 3 lowest entropies
+# are all class 0, so class 1 gets no prototype; per class, voxels 0, 1 (class 0) and 3, 4 (class 1) are reliable
+SMALL_CLASS = [[0.95, 0.05], [0.9, 0.1], [0.85, 0.15], [0.3, 0.7], [0.4, 0.6]]
 
 
 @pytest.mark.parametrize("layout", ["[1, C, 5]", "[1, C, 1, 5]"])
 @pytest.mark.parametrize(
-    "pa, pb, keep_ratio", [(PA2, PB2, 0.6), (PA3, PB3, 1.0), (NO_PROTO_A, NO_PROTO_B, 1.0)]
+    "pa, pb, keep_ratio, scope",
+    [
+        (PA2, PB2, 0.6, "batch"),
+        (PA3, PB3, 1.0, "batch"),
+        (NO_PROTO_A, NO_PROTO_B, 1.0, "batch"),
+        (SMALL_CLASS, SMALL_CLASS, 0.6, "class"),
+    ],
 )
-def test_prototype_by_hand(pa, pb, keep_ratio, layout):
+def test_prototype_by_hand(pa, pb, keep_ratio, scope, layout):
     feats = [[1.0, 0.5], [-0.3, 1.0], [0.2, -0.8], [0.7, 0.7], [-1.0, 0.1]]
     mean = [[(a + b) / 2 for a, b in zip(p, q)] for p, q in zip(pa, pb)]
     pseudo = [argmax(p) for p in mean]
-    h = [ent(p) for p in mean]
-    kth = sorted(h)[math.ceil(keep_ratio * 5) - 1]
-    reliable = [v for v in range(5) if h[v] <= kth and argmax(pa[v]) == pseudo[v] == argmax(pb[v])]
+    low = lowest_by_hand([ent(p) for p in mean], pseudo, keep_ratio, scope)
+    reliable = [v for v in low if argmax(pa[v]) == pseudo[v] == argmax(pb[v])]
     expected = prototype_by_hand(feats, pseudo, reliable, 0.1)
     if pa is NO_PROTO_A:
         assert reliable == [0, 1] and pseudo[2] == 2
+    if pa is SMALL_CLASS:
+        assert reliable == [0, 1, 3, 4]
     shape = (1, -1, 5) if layout == "[1, C, 5]" else (1, -1, 1, 5)
     f = torch.tensor(feats, dtype=torch.float64).t().reshape(shape).requires_grad_()
-    loss = PrototypeContrastiveLoss(keep_ratio=keep_ratio, sample_ratio=1.0, min_samples=1)  # tau 0.1 by default
+    loss = PrototypeContrastiveLoss(keep_ratio=keep_ratio, sample_ratio=1.0, min_samples=1, filter_scope=scope)
     value = loss(f, logits_of(pa).reshape(shape), logits_of(pb).reshape(shape))
     assert value.item() == pytest.approx(expected, rel=1e-5)
     value.backward()
@@ -455,13 +532,24 @@ def test_prototype_by_hand(pa, pb, keep_ratio, layout):
     assert f.grad.abs().sum() > 0 and reliable_grad == 0  # prototypes are detached
 
 
+def test_batch_scope_leaves_a_small_class_without_prototype():
+    f = torch.tensor([[1.0, 0.5], [-0.3, 1.0], [0.2, -0.8], [0.7, 0.7], [-1.0, 0.1]]).t().reshape(1, 2, 5)
+    z = logits_of(SMALL_CLASS).float()
+    loss = {s: PrototypeContrastiveLoss(keep_ratio=0.6, sample_ratio=1.0, min_samples=1, filter_scope=s)(f, z, z)
+            for s in ("batch", "class")}
+    assert loss["batch"].item() == 0.0 and loss["class"].item() > 0.1
+    for cls in (PrototypeContrastiveLoss, CrossConsistencyLoss, EntropyFilteredCPSLoss):
+        with pytest.raises(ValueError, match="filter_scope must be 'batch' or 'class', found 'voxel'"):
+            cls(filter_scope="voxel")
+
+
 def test_prototype_keeps_tensors_on_the_input_device():
     """Meta tensors stand in for a GPU: any tensor created on the CPU inside the loss fails against them."""
     loss = PrototypeContrastiveLoss(min_samples=4)
     forward = getattr(PrototypeContrastiveLoss.forward, "__wrapped__", PrototypeContrastiveLoss.forward)  # no autocast
     feats, logits = torch.empty(2, 4, 8, 8, 8, device="meta"), torch.empty(2, 2, 8, 8, 8, device="meta")
-    for reduction in ("mean", "none"):
-        loss.reduction = reduction
+    for reduction, scope in (("mean", "batch"), ("none", "batch"), ("mean", "class")):
+        loss.reduction, loss.filter_scope = reduction, scope
         assert forward(loss, feats, logits, logits).device.type == "meta"
 
 

@@ -121,6 +121,26 @@ def test_prototype_loss_with_four_classes_and_a_class_without_prototype():
     assert (value > 0).sum() == 2
 
 
+def test_class_scope_keeps_pseudo_labels_and_prototypes_of_every_structure():
+    """ACDC-like proportions: 120 confident background voxels and 10 less confident ones of each structure. The
+    batch's 80 % lowest entropies (120 voxels) are all background: no structure keeps a pseudo-label or gets a
+    prototype. Ranked within each pseudo-class, each keeps ceil(0.8 * n): 96 background, 8 per structure."""
+    background = [[0.95 - 0.001 * i] + [(0.05 + 0.001 * i) / 3] * 3 for i in range(120)]
+    structures = [[0.1 + 0.01 * i if k == 0 else (0.6 - 0.01 * i if k == c else 0.15) for k in range(4)]
+                  for c in (1, 2, 3) for i in range(10)]
+    z = logits_of(background + structures)
+    labels = torch.tensor([0] * 120 + [1] * 10 + [2] * 10 + [3] * 10)
+    kept_per_class = {}
+    for scope in ("batch", "class"):
+        kept = CrossConsistencyLoss(filter_scope=scope).kept(z)[0, 0]
+        kept_per_class[scope] = torch.bincount(labels[kept], minlength=4).tolist()
+        _, reliable = PrototypeContrastiveLoss(filter_scope=scope).partition([z, z])
+        assert torch.equal(reliable[0], kept)  # one network's entropy, agreed pseudo-labels: the same voxels
+    assert kept_per_class == {"batch": [120, 0, 0, 0], "class": [96, 8, 8, 8]}
+    kept = CrossConsistencyLoss(filter_scope="class").kept(z)[0, 0]
+    assert kept[120:130].tolist() == [True] * 8 + [False] * 2  # the most confident of the structure's voxels
+
+
 def test_every_term_learns_from_four_classes():
     """Finite loss and gradient of every term with 4 classes on random logits."""
     torch.manual_seed(0)

@@ -127,6 +127,7 @@ def test_cli_synthetic_false_never_writes_into_the_data_folder(tmp_path, la_like
         ({"epoch_length": "two"}, "'epoch_length' must be an integer, found 'two'"),
         ({"use_proto": "flase"}, "'use_proto' must be a boolean"),
         ({"amp_dtype": "half"}, "'amp_dtype' must be one of float16, bfloat16"),
+        ({"filter_scope": "voxel"}, "'filter_scope' must be one of batch, class"),
         ({"max_iterations": 5, "epoch_length": 2}, r"max_iterations \(5\) must be a positive multiple of epoch_length \(2\)"),
         ({"max_iterations": 1, "epoch_length": 2}, r"max_iterations \(1\) must be a positive multiple"),
     ],

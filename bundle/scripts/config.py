@@ -38,8 +38,8 @@ INTEGERS = ("seed", "num_classes", "raw_num_classes", "batch_labeled", "batch_un
             "num_labeled", "num_val", "num_threads")
 NUMBERS = ("lr", "lambda_u", "lambda_c", "lambda_cos", "alpha", "correction_threshold", "keep_ratio", "temperature",
            "proto_temperature", "dropout", "flip_prob", "rotate_prob", "cache_rate")
-CHOICES = {"amp_dtype": ("float16", "bfloat16"), "filter_rule": ("certain", "uncertain"), "proto_on": ("weaker", "both"),
-           "memory_format": ("auto", "contiguous", "channels_last")}
+CHOICES = {"amp_dtype": ("float16", "bfloat16"), "filter_rule": ("certain", "uncertain"), "filter_scope": ("batch", "class"),
+           "proto_on": ("weaker", "both"), "memory_format": ("auto", "contiguous", "channels_last")}
 #: values that may change between a run and its resumption (where it runs, how fast, how much it logs)
 RESUMABLE_CHANGES = ("resume", "overwrite", "bundle_root", "device", "num_workers", "num_threads", "log_interval",
                      "memory_format", "jit_optimize", "eval_split", "dataset_dir", "_meta_", "tracking", *TRACKING_KEYS)

@@ -134,6 +134,52 @@ def lowest_fraction(values: torch.Tensor, ratio: float) -> torch.Tensor:
     return values <= flat.float().kthvalue(k).values.to(values.dtype)
 
 
+def lowest_fraction_per_class(
+    values: torch.Tensor, classes: torch.Tensor, num_classes: int, ratio: float
+) -> torch.Tensor:
+    """Boolean mask of the ``ceil(ratio * N_c)`` lowest ``values`` among the ``N_c`` voxels of each class ``c``.
+
+    ``classes`` holds a class index in ``[0, num_classes)`` per element of ``values`` (same number of
+    elements); the mask has ``values``' shape. As in :func:`lowest_fraction`, the threshold of class ``c`` is its
+    ``ceil(ratio * N_c)``-th smallest value and ties with it are kept.
+    """
+    flat, cls = values.detach().flatten().float(), classes.flatten().long()
+    counts = torch.zeros(num_classes, dtype=torch.long, device=cls.device).scatter_add_(0, cls, torch.ones_like(cls))
+    k = (ratio * counts).ceil().long()
+    return (flat <= _kth_per_class(flat, cls, counts, k, sort=flat.device.type != "cpu")[cls]).view(values.shape)
+
+
+def _kth_per_class(
+    flat: torch.Tensor, cls: torch.Tensor, counts: torch.Tensor, k: torch.Tensor, sort: bool
+) -> torch.Tensor:
+    """``[C]``: the ``k[c]``-th smallest of ``flat`` among the voxels of class ``c`` (any value for an absent class).
+
+    ``sort=False``: ``kthvalue`` per class present (``C`` passes, ``k`` read on the host: the CPU's way, about 8x
+    faster there than sorting). ``sort=True``: one sort by value then a stable sort by class, on the device without
+    a host round-trip or a data-dependent shape (for CUDA and CUDA graphs).
+    """
+    if not sort:
+        inf = flat.new_tensor(float("inf"))
+        return torch.stack([flat.masked_fill(cls != c, inf).kthvalue(kc).values if kc else inf
+                            for c, kc in enumerate(k.tolist())])
+    order = flat.argsort()
+    order = order[cls[order].argsort(stable=True)]  # grouped by class, ascending values within each
+    start = counts.cumsum(0) - counts
+    return flat[order][(start + k - 1).clamp(0, flat.numel() - 1)]
+
+
+def _lowest(values: torch.Tensor, ratio: float, scope: str, classes: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """:func:`lowest_fraction` over the batch (``scope="batch"``) or per class (``"class"``)."""
+    if scope == "batch":
+        return lowest_fraction(values, ratio)
+    return lowest_fraction_per_class(values, classes, num_classes, ratio)
+
+
+def _check_scope(scope: str) -> None:
+    if scope not in ("batch", "class"):
+        raise ValueError(f"filter_scope must be 'batch' or 'class', found {scope!r}.")
+
+
 class MutualCorrectionLoss(_Loss):
     """Mutual correction (MCF): squared error to the label where the two networks disagree confidently.
 
@@ -262,6 +308,8 @@ class CrossConsistencyLoss(_Loss):
     - filter: entropy ``H = -sum_c p_c log p_c`` of ``p = softmax(z_t)``; the kept set ``K`` is
       the ``ceil(keep_ratio * N)`` lowest-entropy voxels of the batch (``filter_rule="certain"``,
       U2PL's convention) or the highest (``"uncertain"``, the rule of the authors' released code);
+      with ``filter_scope="class"`` the ``ceil(keep_ratio * N_c)`` lowest (highest) of each pseudo-class
+      ``c`` instead, so that small or less confident structures keep pseudo-labels too;
     - weight (Zheng & Yang 2021): ``D = KL(softmax(z_t / T) || softmax(z_s / T))`` per voxel,
       ``w = exp(-D)``;
     - per-voxel loss ``l_v = (N / |K|) 1[v in K] w_v CE(z_s, y_hat)_v + D_v`` (the rectification
@@ -280,6 +328,8 @@ class CrossConsistencyLoss(_Loss):
         keep_ratio: fraction of voxels kept by the entropy filter, in (0, 1]. Defaults to 0.8.
         filter_rule: ``"certain"`` keeps the lowest-entropy voxels, ``"uncertain"`` the highest.
         entropy_filter: apply the entropy filter. Defaults to True.
+        filter_scope: rank the entropies over the whole batch (``"batch"``, the paper's) or within each
+            pseudo-class (``"class"``). Defaults to ``"batch"``.
         kl_weighting: apply the KL-based weighting and its ``mean(D)`` term. Defaults to True.
         temperature: softmax temperature ``T > 0`` of the KL term. Defaults to 1.0.
         detach_weight: stop the gradient through ``w`` (Zheng & Yang do not). Defaults to False.
@@ -301,10 +351,12 @@ class CrossConsistencyLoss(_Loss):
         detach_weight: bool = False,
         reduction: str = "mean",
         kl_rectify: bool = True,
+        filter_scope: str = "batch",
     ) -> None:
         super().__init__(reduction=LossReduction(reduction).value)
         if not 0.0 < keep_ratio <= 1.0:
             raise ValueError(f"keep_ratio must be in (0, 1], found {keep_ratio}.")
+        _check_scope(filter_scope)
         if filter_rule not in ("certain", "uncertain"):
             raise ValueError(f"filter_rule must be 'certain' or 'uncertain', found {filter_rule!r}.")
         if temperature <= 0:
@@ -316,27 +368,32 @@ class CrossConsistencyLoss(_Loss):
         self.temperature = temperature
         self.detach_weight = detach_weight
         self.kl_rectify = kl_rectify
+        self.filter_scope = filter_scope
         self.stats: dict[str, torch.Tensor] = {}
         self._sums: list[torch.Tensor] = []
 
     @_float32
     def kept(self, teacher: torch.Tensor) -> torch.Tensor:
         """Boolean ``[B, 1, *spatial]`` mask of the voxels whose pseudo-labels are used."""
-        return self.kept_from_log_probs(F.log_softmax(teacher.detach().float(), dim=1))
+        log_t = F.log_softmax(teacher.detach().float(), dim=1)
+        return self.kept_from_log_probs(log_t, _argmax(log_t))
 
-    def kept_from_log_probs(self, log_t: torch.Tensor) -> torch.Tensor:
+    def kept_from_log_probs(self, log_t: torch.Tensor, pseudo: torch.Tensor) -> torch.Tensor:
+        """:meth:`kept` from the teacher's log-probabilities and pseudo-labels ``[B, *spatial]``."""
         if not self.entropy_filter or self.keep_ratio >= 1.0:
             return torch.ones_like(log_t[:, :1], dtype=torch.bool)
         h = -(log_t.exp() * log_t).sum(dim=1, keepdim=True)
-        return lowest_fraction(h if self.filter_rule == "certain" else -h, self.keep_ratio)
+        h = h if self.filter_rule == "certain" else -h
+        return _lowest(h, self.keep_ratio, self.filter_scope, pseudo, log_t.shape[1])
 
     @_float32
     def one_way(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         """Per-voxel loss map ``l`` ``[B, 1, *spatial]`` of ``student`` taught by ``teacher``."""
         log_t = F.log_softmax(teacher.detach().float(), dim=1)
         log_s = F.log_softmax(student.float(), dim=1)
-        ce = -log_s.gather(1, _argmax(log_t).unsqueeze(1))
-        keep = self.kept_from_log_probs(log_t)
+        pseudo = _argmax(log_t)
+        ce = -log_s.gather(1, pseudo.unsqueeze(1))
+        keep = self.kept_from_log_probs(log_t, pseudo)
         loss = ce * keep * (keep.numel() / keep.sum().clamp_min(1))
         if not self.kl_weighting:
             return loss
@@ -383,17 +440,25 @@ class EntropyFilteredCPSLoss(CrossConsistencyLoss):
     """
 
     def __init__(
-        self, keep_ratio: float = 0.8, filter_rule: str = "certain", entropy_filter: bool = True, reduction: str = "mean"
+        self,
+        keep_ratio: float = 0.8,
+        filter_rule: str = "certain",
+        entropy_filter: bool = True,
+        reduction: str = "mean",
+        filter_scope: str = "batch",
     ) -> None:
-        super().__init__(keep_ratio, filter_rule, entropy_filter, kl_weighting=False, reduction=reduction)
+        super().__init__(
+            keep_ratio, filter_rule, entropy_filter, kl_weighting=False, reduction=reduction, filter_scope=filter_scope
+        )
 
 
 class PrototypeContrastiveLoss(_Loss):
     """Prototype contrastive loss: uncertain voxels pulled to their class prototype (InfoNCE).
 
     With ``p`` the mean softmax of the given logits (detached), ``y_hat = argmax p`` and entropy
-    ``H(p)``, a voxel is *reliable* when ``H`` is among the ``keep_ratio`` lowest of the batch and
-    all given networks agree on ``y_hat``; the others are *uncertain*. With L2-normalised features
+    ``H(p)``, a voxel is *reliable* when ``H`` is among the ``keep_ratio`` lowest of the batch (with
+    ``filter_scope="class"``: of the voxels of its class ``y_hat``) and all given networks agree on
+    ``y_hat``; the others are *uncertain*. With L2-normalised features
     ``f`` (``[B, F, *spatial]``), the prototype of class c is the normalised mean of ``f`` over
     reliable voxels of class c (detached). A random ``sample_ratio`` of the uncertain voxels (at
     least ``min_samples``, at most ``max_samples``) gives
@@ -414,6 +479,8 @@ class PrototypeContrastiveLoss(_Loss):
         max_samples: cap on sampled voxels (memory). Defaults to 4096.
         reduction: ``"mean"`` (over valid samples), ``"sum"`` or ``"none"`` (``[max_samples]``
             per-sample losses, zero where invalid).
+        filter_scope: rank the entropies over the batch (``"batch"``) or within each pseudo-class
+            (``"class"``: every class present gets reliable voxels, hence a prototype). Defaults to ``"batch"``.
 
     Raises:
         ValueError: on out-of-range arguments, or features / logits whose batch or spatial
@@ -428,8 +495,10 @@ class PrototypeContrastiveLoss(_Loss):
         min_samples: int = 64,
         max_samples: int = 4096,
         reduction: str = "mean",
+        filter_scope: str = "batch",
     ) -> None:
         super().__init__(reduction=LossReduction(reduction).value)
+        _check_scope(filter_scope)
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, found {temperature}.")
         if not 0.0 < keep_ratio <= 1.0 or not 0.0 < sample_ratio <= 1.0:
@@ -441,13 +510,14 @@ class PrototypeContrastiveLoss(_Loss):
         self.sample_ratio = sample_ratio
         self.min_samples = min_samples
         self.max_samples = max_samples
+        self.filter_scope = filter_scope
 
     def partition(self, logits: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Pseudo-labels ``[B, N]`` (long) and reliable mask ``[B, N]`` (bool) from the logits."""
         probs = torch.stack([F.softmax(z.detach().float(), dim=1) for z in logits]).mean(0)
         pseudo = _argmax(probs)
         h = -(probs * probs.clamp_min(1e-12).log()).sum(dim=1)
-        reliable = lowest_fraction(h, self.keep_ratio)
+        reliable = _lowest(h, self.keep_ratio, self.filter_scope, pseudo, probs.shape[1])
         for z in logits:
             reliable &= _argmax(z) == pseudo
         return pseudo.flatten(1), reliable.flatten(1)
