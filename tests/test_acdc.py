@@ -9,6 +9,7 @@ import shutil
 import h5py
 import numpy as np
 import pytest
+import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.transforms import LoadImage
 
@@ -339,3 +340,25 @@ def test_fit_probe_prints_loss_and_class_counts(fake_acdc):
     predicted, label = (json.loads(part) for part in steps[0][2].split(" | "))
     assert len(predicted) == len(label) == 4 and sum(predicted) == sum(label) == 2 * 96 * 96 * 16
     assert steps[1][2].split(" | ")[1] == steps[0][2].split(" | ")[1]  # the same batch
+
+
+def test_filter_probe_reports_kept_pseudo_labels_per_class(fake_acdc, tmp_path):
+    """benchmarks/filter_probe.py on the generated folder with untrained acdc_cpu networks: per scope and class, the
+    pseudo-label shares sum to 1, and ranked per class every class present keeps at least keep_ratio of them."""
+    import subprocess
+    import sys
+
+    config = ConfigParser()
+    config.read_config(ACDC_CONFIGS)
+    torch.manual_seed(0)
+    torch.save(config.get_parsed_content("network_def").state_dict(), tmp_path / "model.pt")
+    script = CONFIGS.parents[1] / "benchmarks" / "filter_probe.py"
+    out = subprocess.run([sys.executable, str(script), "--dataset_dir", str(fake_acdc), "--ckpt", str(tmp_path / "model.pt"),
+                          "--batches", "1", "--override", "num_labeled", "2"], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert "{'keep_ratio': 0.8, 'filter_rule': 'certain'}" in out[0]
+    rows = [line.split(" | ") for line in out[2:]]
+    assert [(r[0], r[1]) for r in rows] == [(s, str(c)) for s in ("batch", "class") for c in range(4)]
+    for scope in ("batch", "class"):
+        share = [float(r[2]) for r in rows if r[0] == scope]
+        assert sum(share) == pytest.approx(1.0, abs=1e-3)
+    assert all(float(r[3]) >= 0.8 for r in rows if r[0] == "class" and float(r[2]) > 0)
