@@ -8,6 +8,10 @@ of them the cross-consistency filter keeps (the config's ``keep_ratio`` and ``fi
 voxels the prototype loss would build that class's prototype from (lowest entropy of the mean prediction, both
 networks agreeing). A class whose pseudo-labels are all filtered out learns nothing from the unlabeled data;
 one without reliable voxels has no prototype, and with only one class left the prototype loss is exactly 0.
+Then, for the KL weighting (Zheng & Yang's, ``w = exp(-D)`` not detached, plus ``mean(D)``), the mean and spread
+of ``w`` on the kept voxels, the fraction of kept voxels where the gradient through ``w`` outweighs the
+rectification term, pushing the student away from the teacher (:func:`kl_terms`), and the share of the
+rectification term ``mean(D)`` that comes from the voxels the filter drops.
 
     python benchmarks/filter_probe.py --dataset_dir /data/ACDC --ckpt bundle/runs/<run>/models/model.pt
     python benchmarks/filter_probe.py --configs train.yaml la.yaml la_cpu.yaml --dataset_dir /data/la2018 \\
@@ -41,6 +45,19 @@ def kept_per_class(teachers: list[torch.Tensor], loss: monai_dualssl.CrossConsis
         labels += torch.bincount(pseudo.flatten(), minlength=classes)
         kept += torch.bincount(pseudo[loss.kept(z)[:, 0]], minlength=classes)
     return labels, kept
+
+
+def kl_terms(student: torch.Tensor, teacher: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``w = exp(-D)`` and ``s = 1 - (N / |K|) w CE`` on the kept voxels, ``D`` on the dropped ones, ``D`` on all.
+
+    One direction's per-voxel loss is ``l = (N / |K|) 1[kept] w CE + D`` with ``w = exp(-D)`` not detached, so
+    ``dl/dz = (N / |K|) w dCE/dz + s dD/dz``: where ``s < 0`` the KL term pushes the student away from the teacher.
+    """
+    log_t, log_s = teacher.log_softmax(1), student.log_softmax(1)
+    d = (log_t.exp() * (log_t - log_s)).sum(1, keepdim=True)
+    ce = -log_s.gather(1, log_t.argmax(1, keepdim=True))
+    w = torch.exp(-d)
+    return w[keep], (1 - keep.numel() / keep.sum() * w * ce)[keep], d[~keep], d.flatten()
 
 
 def main() -> None:
@@ -82,6 +99,11 @@ def main() -> None:
             reliable += torch.bincount(pseudo[mask], minlength=classes)
         for c in range(classes):
             print(f"{scope} | {c} | {labels[c] / labels.sum():.4f} | {kept[c] / labels[c].clamp_min(1):.3f} | {int(reliable[c])}")
+        w, factor, d_dropped, d = (torch.cat(t) for t in zip(*(kl_terms(s, t, cps.kept(t)) for za, zb in logits
+                                                                 for s, t in ((za, zb), (zb, za)))))
+        print(f"{scope} | KL weight w = exp(-D) on the kept voxels: mean {w.mean():.4f}, std {w.std():.4f}; "
+              f"kept voxels where the KL term pushes the student away from the teacher: {(factor < 0).float().mean():.4f}; "
+              f"mean D {d.mean():.4f}, of which from the dropped voxels {d_dropped.sum() / d.sum():.3f}")
 
 
 if __name__ == "__main__":

@@ -357,8 +357,25 @@ def test_filter_probe_reports_kept_pseudo_labels_per_class(fake_acdc, tmp_path):
                           "--batches", "1", "--override", "num_labeled", "2"], capture_output=True, text=True, check=True).stdout.splitlines()
     assert "{'keep_ratio': 0.8, 'filter_rule': 'certain'}" in out[0]
     rows = [line.split(" | ") for line in out[2:]]
-    assert [(r[0], r[1]) for r in rows] == [(s, str(c)) for s in ("batch", "class") for c in range(4)]
+    assert [(r[0], r[1][:9]) for r in rows] == [(s, c) for s in ("batch", "class") for c in ("0", "1", "2", "3", "KL weight")]
     for scope in ("batch", "class"):
-        share = [float(r[2]) for r in rows if r[0] == scope]
+        share = [float(r[2]) for r in rows if r[0] == scope and len(r) == 5]
         assert sum(share) == pytest.approx(1.0, abs=1e-3)
-    assert all(float(r[3]) >= 0.8 for r in rows if r[0] == "class" and float(r[2]) > 0)
+    assert all(float(r[3]) >= 0.8 for r in rows if r[0] == "class" and len(r) == 5 and float(r[2]) > 0)
+
+
+def test_filter_probe_kl_terms_by_hand():
+    """One voxel kept of two: w = exp(-KL(t || s)), the factor 1 - (N / |K|) w CE on it, D of the dropped one."""
+    import math
+    import sys
+
+    sys.path.insert(0, str(CONFIGS.parents[1] / "benchmarks"))
+    from filter_probe import kl_terms
+
+    t, s = [[0.8, 0.2], [0.4, 0.6]], [[0.6, 0.4], [0.5, 0.5]]  # voxels as rows
+    logit = lambda p: torch.tensor(p).log().t()[None]  # noqa: E731
+    w, factor, d_dropped, d = kl_terms(logit(s), logit(t), torch.tensor([[[True, False]]]))
+    kl = [sum(a * math.log(a / b) for a, b in zip(p, q)) for p, q in zip(t, s)]
+    assert w.tolist() == pytest.approx([math.exp(-kl[0])], rel=1e-5)
+    assert factor.tolist() == pytest.approx([1 - 2 * math.exp(-kl[0]) * -math.log(0.6)], rel=1e-5)
+    assert d_dropped.tolist() == pytest.approx([kl[1]], rel=1e-5) and d.tolist() == pytest.approx(kl, rel=1e-5)
