@@ -46,6 +46,8 @@ RUNS = {
     "kl_detach": {"configs": [], "overrides": {"detach_weight": True}},
     "kl_no_rectify": {"configs": [], "overrides": {"kl_rectify": False}},
     "kl_t2": {"configs": [], "overrides": {"temperature": 2.0}},
+    # the entropy filter and the prototypes' reliable voxels ranked within each pseudo-class
+    "full_class": {"configs": [], "overrides": {"filter_scope": "class"}},
 }
 LABELED = {10: 8, 5: 4}   # % of the 80 volumes -> labeled cases (the first ids of train.list)
 SEEDS = (1337, 2, 3)
@@ -53,7 +55,8 @@ SEEDS = (1337, 2, 3)
 PLAN = ([("supervised", 10, s) for s in SEEDS] + [("full", 10, s) for s in SEEDS]
         + [(c, 5, s) for s in SEEDS for c in ("supervised", "full")]
         + [(c, 10, s) for s in SEEDS for c in ("no_kl", "no_filter", "cps")]
-        + [(c, 10, s) for s in SEEDS for c in ("kl_detach", "kl_no_rectify", "kl_t2")])
+        + [(c, 10, s) for s in SEEDS for c in ("kl_detach", "kl_no_rectify", "kl_t2")]
+        + [("full_class", 10, s) for s in SEEDS])
 SUMMARY_KEYS = ("dice", "jaccard", "hd95_vox", "asd_vox", "hd95_mm", "asd_mm")
 CURVES = ("val_mean_dice", "kl_w_mean", "kl_w_std", "kl_mean")
 
