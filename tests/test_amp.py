@@ -53,6 +53,9 @@ TERMS = {
     "cross_consistency": (lambda z_a, z_b, f, y: CrossConsistencyLoss()(z_a, z_b), (0, 1)),
     "prototype": (lambda z_a, z_b, f, y: PrototypeContrastiveLoss()(f, z_a, z_b), (2,)),
     "cosine": (lambda z_a, z_b, f, y: CosineConsistencyLoss()(z_a, z_b), (0, 1)),
+    # --filter_scope class: entropies ranked within each pseudo-class
+    "cross_consistency_class": (lambda z_a, z_b, f, y: CrossConsistencyLoss(filter_scope="class")(z_a, z_b), (0, 1)),
+    "prototype_class": (lambda z_a, z_b, f, y: PrototypeContrastiveLoss(filter_scope="class")(f, z_a, z_b), (2,)),
 }
 
 
