@@ -379,3 +379,31 @@ def test_filter_probe_kl_terms_by_hand():
     assert w.tolist() == pytest.approx([math.exp(-kl[0])], rel=1e-5)
     assert factor.tolist() == pytest.approx([1 - 2 * math.exp(-kl[0]) * -math.log(0.6)], rel=1e-5)
     assert d_dropped.tolist() == pytest.approx([kl[1]], rel=1e-5) and d.tolist() == pytest.approx(kl, rel=1e-5)
+
+
+def test_acdc_study_tests_each_pair_per_structure():
+    """benchmarks/acdc_cpu.py's paired tests: every pair of PAIRS whose runs exist, per checkpoint and structure,
+    with the mean gain over the test cases (values chosen so that each gain is known)."""
+    import sys
+
+    sys.path.insert(0, str(CONFIGS.parents[1] / "benchmarks"))
+    import acdc_cpu
+
+    def record(config, offset):
+        dice = {f"case{i}": {"1": 0.1 * i + offset, "2": 0.5, "3": 0.05 * i, "mean": 0.0} for i in range(8)}
+        for d in dice.values():
+            d["mean"] = (d["1"] + d["2"] + d["3"]) / 3
+        return {"config": config, "labels_percent": 10, "seed": 1337,
+                "evaluation": {w: {"per_case_dice": dice} for w in ("final", "best")}}
+
+    tests = acdc_cpu.paired_tests([record("supervised", 0.0), record("full", 0.03), record("full_class", 0.09)])
+    pairs = {(t["reference"], t["other"]) for t in tests}
+    assert pairs == set(acdc_cpu.PAIRS)
+    gain = {(t["reference"], t["other"], t["checkpoint"], t["structure"]): t["mean_gain_dice_points"] for t in tests}
+    assert gain[("full", "supervised", "best", "RV")] == pytest.approx(3.0)
+    assert gain[("full_class", "full", "final", "RV")] == pytest.approx(6.0)
+    assert gain[("full_class", "supervised", "final", "mean")] == pytest.approx(3.0)
+    assert gain[("full", "supervised", "final", "Myo")] == 0.0
+    assert len(tests) == 3 * 2 * 4
+    assert acdc_cpu.paired_tests([record("supervised", 0.0), record("full", 0.03)]) == [
+        t for t in tests if (t["reference"], t["other"]) == ("full", "supervised")]
