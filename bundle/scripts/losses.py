@@ -154,8 +154,8 @@ def _kth_per_class(
 ) -> torch.Tensor:
     """``[C]``: the ``k[c]``-th smallest of ``flat`` among the voxels of class ``c`` (any value for an absent class).
 
-    ``sort=False``: ``kthvalue`` per class present (``C`` passes, ``k`` read on the host: the CPU's way, about 8x
-    faster there than sorting). ``sort=True``: one sort by value then a stable sort by class, on the device without
+    ``sort=False``: ``kthvalue`` per class present (``C`` passes, ``k`` read on the host: the CPU's way, 2.5x
+    faster there than sorting at 0.3 M voxels and 4 classes, 5x at 2 M and 2). ``sort=True``: one sort by value then a stable sort by class, on the device without
     a host round-trip or a data-dependent shape (for CUDA and CUDA graphs).
     """
     if not sort:
