@@ -1,4 +1,5 @@
-"""The reduced ACDC study (acdc_cpu.yaml): supervised only vs the full method, 4 classes, per-structure metrics.
+"""The reduced ACDC study (acdc_cpu.yaml): supervised only vs the full method (with the paper's batch-wide entropy
+filter, and with ``filter_scope: class``), 4 classes, per-structure metrics and the paired tests of ``PAIRS``.
 
 Every run has the same budget (acdc_cpu.yaml) and labels (the first 14 ids of train.list, i.e. 10 % of the 140
 training volumes; the other 126 unlabeled), validates on val.list (checkpoint selection), trains with
@@ -41,7 +42,7 @@ RUNS = {
     # the entropy filter and the prototypes' reliable voxels ranked within each pseudo-class (filter_scope: class)
     "full_class": {"configs": [], "overrides": {"filter_scope": "class"}},
 }
-PAIRS = (("full", "supervised"), ("full_class", "supervised"), ("full_class", "full"))  # (run, reference) tested
+PAIRS = (("full", "supervised"), ("full_class", "supervised"), ("full_class", "full"))  # (run, baseline) tested
 LABELED = {10: 14}   # % of the 140 training volumes -> labeled volumes (the first ids of train.list: 7 patients)
 SEEDS = (1337,)
 STRUCTURES = {"1": "RV", "2": "Myo", "3": "LV", "mean": "mean"}
@@ -131,11 +132,12 @@ def aggregate(records: list[dict]) -> list[dict]:
 
 def paired_tests(records: list[dict]) -> list[dict]:
     """Wilcoxon signed-rank over the (case, seed) pairs of each of ``PAIRS``, per structure and checkpoint."""
-    return [t for reference, other in PAIRS for t in paired_test(records, reference, other)]
+    return [t for run, baseline in PAIRS for t in paired_test(records, run, baseline)]
 
 
-def paired_test(records: list[dict], reference: str, other: str) -> list[dict]:
-    """Wilcoxon signed-rank over the (case, seed) pairs of ``reference`` vs ``other``, per structure and checkpoint."""
+def paired_test(records: list[dict], run: str, baseline: str) -> list[dict]:
+    """Wilcoxon signed-rank over the (case, seed) pairs of ``run`` vs ``baseline``, per structure and checkpoint
+    (the records' ``reference`` is the run, ``other`` the baseline)."""
     from scipy.stats import wilcoxon
 
     index = {(r["config"], r["labels_percent"], r["seed"]): r for r in records}
@@ -143,7 +145,7 @@ def paired_test(records: list[dict], reference: str, other: str) -> list[dict]:
     for labels, which, cls in itertools.product(sorted({r["labels_percent"] for r in records}), ("final", "best"), STRUCTURES):
         a, b = [], []
         for seed in sorted({r["seed"] for r in records}):
-            ours, theirs = index.get((reference, labels, seed)), index.get((other, labels, seed))
+            ours, theirs = index.get((run, labels, seed)), index.get((baseline, labels, seed))
             if ours and theirs:
                 cases = sorted(ours["evaluation"][which]["per_case_dice"])
                 a += [ours["evaluation"][which]["per_case_dice"][c][cls] for c in cases]
@@ -151,7 +153,7 @@ def paired_test(records: list[dict], reference: str, other: str) -> list[dict]:
         if len(a) < 6:
             continue
         diff = [x - y for x, y in zip(a, b)]
-        tests.append({"reference": reference, "other": other, "labels_percent": labels, "checkpoint": which,
+        tests.append({"reference": run, "other": baseline, "labels_percent": labels, "checkpoint": which,
                       "structure": STRUCTURES[cls], "pairs": len(a),
                       "mean_gain_dice_points": round(100 * sum(diff) / len(diff), 2),
                       "wilcoxon_p": float(wilcoxon(a, b).pvalue) if any(diff) else 1.0})

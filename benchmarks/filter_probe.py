@@ -8,8 +8,8 @@ of them the cross-consistency filter keeps (the config's ``keep_ratio`` and ``fi
 voxels the prototype loss would build that class's prototype from (lowest entropy of the mean prediction, both
 networks agreeing). A class whose pseudo-labels are all filtered out learns nothing from the unlabeled data;
 one without reliable voxels has no prototype, and with only one class left the prototype loss is exactly 0.
-Then, for the KL weighting (Zheng & Yang's, ``w = exp(-D)`` not detached, plus ``mean(D)``), the mean and spread
-of ``w`` on the kept voxels, the fraction of kept voxels where the gradient through ``w`` outweighs the
+Then, when the config keeps the paper's KL weighting (Zheng & Yang's: temperature 1, ``w = exp(-D)`` not
+detached, plus ``mean(D)``), the mean and spread of ``w`` on the kept voxels, the fraction of kept voxels where the gradient through ``w`` outweighs the
 rectification term, pushing the student away from the teacher (:func:`kl_terms`), and the share of the
 rectification term ``mean(D)`` that comes from the voxels the filter drops.
 
@@ -48,10 +48,11 @@ def kept_per_class(teachers: list[torch.Tensor], loss: monai_dualssl.CrossConsis
 
 
 def kl_terms(student: torch.Tensor, teacher: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``w = exp(-D)`` and ``s = 1 - (N / |K|) w CE`` on the kept voxels, ``D`` on the dropped ones, ``D`` on all.
+    """``w = exp(-D)`` and ``factor = 1 - (N / |K|) w CE`` on the kept voxels, ``D`` on the dropped ones, ``D`` on all.
 
-    One direction's per-voxel loss is ``l = (N / |K|) 1[kept] w CE + D`` with ``w = exp(-D)`` not detached, so
-    ``dl/dz = (N / |K|) w dCE/dz + s dD/dz``: where ``s < 0`` the KL term pushes the student away from the teacher.
+    With the paper's KL setting (temperature 1, ``w`` not detached, the rectification term on), one direction's
+    per-voxel loss is ``l = (N / |K|) 1[kept] w CE + D`` with ``w = exp(-D)``, so ``dl/dz = (N / |K|) w dCE/dz +
+    factor dD/dz``: where ``factor < 0`` the KL term pushes the student away from the teacher.
     """
     log_t, log_s = teacher.log_softmax(1), student.log_softmax(1)
     d = (log_t.exp() * (log_t - log_s)).sum(1, keepdim=True)
@@ -86,7 +87,12 @@ def main() -> None:
         for batch in itertools.islice(loader, args.batches):
             x = torch.as_tensor(batch["image"])
             logits.append((nets.net_a(x), nets.net_b(x)))
-    settings = {k: config.get_parsed_content(k) for k in ("keep_ratio", "filter_rule")}
+    setting = config.get_parsed_content
+    settings = {"keep_ratio": setting("keep_ratio"), "filter_rule": setting("filter_rule"),
+                "entropy_filter": monai_dualssl.as_bool(setting("entropy_filter"), "entropy_filter")}
+    kl_settings = {"temperature": setting("temperature"),
+                   **{k: monai_dualssl.as_bool(setting(k), k) for k in ("kl_weighting", "detach_weight", "kl_rectify")}}
+    paper_kl = kl_settings == {"temperature": 1.0, "kl_weighting": True, "detach_weight": False, "kl_rectify": True}
     print(f"{' + '.join(args.configs)}, {args.ckpt}, {len(logits)} unlabeled batches, {settings}")
     print("scope | class | share of pseudo-labels | kept by the filter | reliable voxels (prototype)")
     for scope in ("batch", "class"):
@@ -99,6 +105,9 @@ def main() -> None:
             reliable += torch.bincount(pseudo[mask], minlength=classes)
         for c in range(classes):
             print(f"{scope} | {c} | {labels[c] / labels.sum():.4f} | {kept[c] / labels[c].clamp_min(1):.3f} | {int(reliable[c])}")
+        if not paper_kl:
+            print(f"{scope} | KL weighting: not reported (the config's KL setting is not the paper's: {kl_settings})")
+            continue
         w, factor, d_dropped, d = (torch.cat(t) for t in zip(*(kl_terms(s, t, cps.kept(t)) for za, zb in logits
                                                                  for s, t in ((za, zb), (zb, za)))))
         print(f"{scope} | KL weight w = exp(-D) on the kept voxels: mean {w.mean():.4f}, std {w.std():.4f}; "

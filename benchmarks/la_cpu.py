@@ -105,14 +105,16 @@ def per_case_dice(eval_dir: Path) -> dict[str, float]:
 
 def curves(run_dir: Path, epoch_length: int) -> dict[str, list[list[float]]]:
     """``[iteration, value]`` series of the TensorBoard log (validation Dice, KL weight statistics); the
-    validation Dice is logged per epoch (validation runs at a multiple of ``epoch_length``)."""
+    validation Dice is logged per epoch (validation runs at a multiple of ``epoch_length``). A resumed run logs
+    the steps after its last checkpoint again: the later value of a step is the one kept."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
     tags = set(events.Tags()["scalars"])
     scale = {"val_mean_dice": epoch_length}
-    return {tag: [[e.step * scale.get(tag, 1), round(e.value, 5)] for e in events.Scalars(tag)] for tag in CURVES if tag in tags}
+    last = {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in CURVES if tag in tags}
+    return {tag: [[step * scale.get(tag, 1), round(v, 5)] for step, v in sorted(values.items())] for tag, values in last.items()}
 
 
 def train_and_evaluate(name: str, configs: list[str], overrides: dict, dataset_dir: str, threads: int | None) -> dict:

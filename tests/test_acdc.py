@@ -355,13 +355,18 @@ def test_filter_probe_reports_kept_pseudo_labels_per_class(fake_acdc, tmp_path):
     script = CONFIGS.parents[1] / "benchmarks" / "filter_probe.py"
     out = subprocess.run([sys.executable, str(script), "--dataset_dir", str(fake_acdc), "--ckpt", str(tmp_path / "model.pt"),
                           "--batches", "1", "--override", "num_labeled", "2"], capture_output=True, text=True, check=True).stdout.splitlines()
-    assert "{'keep_ratio': 0.8, 'filter_rule': 'certain'}" in out[0]
+    assert "{'keep_ratio': 0.8, 'filter_rule': 'certain', 'entropy_filter': True}" in out[0]
     rows = [line.split(" | ") for line in out[2:]]
     assert [(r[0], r[1][:9]) for r in rows] == [(s, c) for s in ("batch", "class") for c in ("0", "1", "2", "3", "KL weight")]
     for scope in ("batch", "class"):
         share = [float(r[2]) for r in rows if r[0] == scope and len(r) == 5]
         assert sum(share) == pytest.approx(1.0, abs=1e-3)
     assert all(float(r[3]) >= 0.8 for r in rows if r[0] == "class" and len(r) == 5 and float(r[2]) > 0)
+    out = subprocess.run([sys.executable, str(script), "--dataset_dir", str(fake_acdc), "--ckpt", str(tmp_path / "model.pt"),
+                          "--batches", "1", "--override", "num_labeled", "2", "--override", "temperature", "2.0"],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[6] == "batch | KL weighting: not reported (the config's KL setting is not the paper's: {'temperature': 2.0, " \
+        "'kl_weighting': True, 'detach_weight': False, 'kl_rectify': True})"
 
 
 def test_filter_probe_kl_terms_by_hand():

@@ -124,8 +124,9 @@ def lowest_by_hand(values, classes, ratio, scope):
         return [v for v in range(len(values)) if values[v] <= kth]
     kept = []
     for c in set(classes):
-        members = sorted((v for v in range(len(values)) if classes[v] == c), key=values.__getitem__)
-        kept += members[: math.ceil(ratio * len(members))]
+        members = [v for v in range(len(values)) if classes[v] == c]
+        kth = sorted(values[v] for v in members)[math.ceil(ratio * len(members)) - 1]
+        kept += [v for v in members if values[v] <= kth]
     return sorted(kept)
 
 
@@ -137,6 +138,7 @@ def lowest_by_hand(values, classes, ratio, scope):
         ([0.5, 0.1, 0.9, 0.3, 0.7, 0.2], [2, 2, 2, 2, 2, 2], 0.5, [1, 3, 5]),     # one class: as lowest_fraction
         ([0.5, 0.1, 0.9, 0.3, 0.7, 0.2], [3, 0, 3, 0, 3, 0], 0.6, [0, 1, 4, 5]),  # ceil(1.8) = 2 of each; 1, 2 absent
         ([0.5, 0.1, 0.9, 0.3, 0.7, 0.2], [0, 0, 0, 1, 1, 2], 1.0, [0, 1, 2, 3, 4, 5]),
+        ([0.5, 0.1, 0.5, 0.3, 0.7, 0.2], [0, 0, 0, 1, 1, 1], 0.5, [0, 1, 2, 3, 5]),  # class 0's 2nd smallest ties
     ],
 )
 def test_lowest_fraction_per_class_by_hand(values, classes, ratio, kept):
@@ -156,6 +158,14 @@ def test_lowest_fraction_per_class_keeps_each_class_share_on_random_data():
         assert int(kept.sum()) == math.ceil(0.8 * int(member.sum()))
         assert v[kept].max() < v[~kept].min()  # the lowest of the class, not of the batch
     assert torch.equal(lowest_fraction_per_class(values, torch.zeros_like(classes), 3, 0.8), lowest_fraction(values, 0.8))
+
+
+@pytest.mark.parametrize("n, ratio", [(45, 0.6), (10, 0.3), (1000, 0.7), (7, 1e-6)])
+def test_lowest_fraction_per_class_counts_as_lowest_fraction(n, ratio):
+    """ceil(ratio * N) in float64 as lowest_fraction's math.ceil: in float32, 0.6 * 45 rounds up to 28."""
+    values = torch.randperm(n).float()
+    one_class = lowest_fraction_per_class(values, torch.zeros(n, dtype=torch.long), 2, ratio)
+    assert int(one_class.sum()) == int(lowest_fraction(values, ratio).sum()) == math.ceil(ratio * n)
 
 
 @pytest.mark.parametrize("ratio", [1e-6, 0.3, 0.8, 1.0])
@@ -759,6 +769,18 @@ def test_losses_instantiate_from_bundle_config_by_short_name():
     for n in names:
         assert type(parser.get_parsed_content(n)).__name__ == n
     assert parser.get_parsed_content("CrossConsistencyLoss").temperature == 2.0
+
+
+@pytest.mark.parametrize("override", [{}, {"filter_scope": "class"}])
+def test_train_config_passes_filter_scope_to_both_losses(override):
+    from conftest import CONFIGS
+
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.yaml"))
+    parser.update({"bundle_root": str(CONFIGS.parent), **override})
+    scope = override.get("filter_scope", "batch")
+    assert parser.get_parsed_content("train#cps_loss").filter_scope == scope
+    assert parser.get_parsed_content("train#proto_loss").filter_scope == scope
 
 
 def test_kl_rectification_switch_and_weight_statistics():

@@ -39,3 +39,18 @@ def test_commands_and_results_name_no_machine_path(tmp_path):
     assert args[args.index("--eval_dir") + 1] == str(tmp_path) and args[args.index("--lr") + 1] == "0.5"
     text = la_cpu.records_json({"runs": [{"command": f"python x --ckpt_path {run}/models/model.pt"}]})
     assert str(la_cpu.REPO) not in text and "--ckpt_path bundle/runs/x/models/model.pt" in text
+
+
+def test_curves_keep_the_later_value_of_a_step_logged_again_after_a_resume(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(log_dir=str(tmp_path)) as first_leg:
+        for step in (25, 50, 75):
+            first_leg.add_scalar("kl_w_mean", step / 100, step)
+        first_leg.add_scalar("val_mean_dice", 0.5, 1)
+    with SummaryWriter(log_dir=str(tmp_path)) as resumed:  # resumed from the checkpoint at step 50
+        for step in (75, 100):
+            resumed.add_scalar("kl_w_mean", step / 100 + 0.01, step)
+        resumed.add_scalar("val_mean_dice", 0.6, 2)
+    curves = la_cpu.curves(tmp_path, epoch_length=50)
+    assert curves == {"kl_w_mean": [[25, 0.25], [50, 0.5], [75, 0.76], [100, 1.01]], "val_mean_dice": [[50, 0.5], [100, 0.6]]}
