@@ -215,6 +215,8 @@ def test_acdc_configs(fake_acdc):
     assert [x["image"] for x in e.get_parsed_content("dataset#data")] == [x["image"] for x in datalist["test"]]
     case = e.get_parsed_content("preprocessing")(datalist["test"][0])
     assert np.allclose(np.diag(case["image"].affine), [1.5, 1.5, 10.0, 1.0])
+    # entropies ranked within each pseudo-class (the structures keep pseudo-labels and prototypes)
+    assert p.get_parsed_content("train#cps_loss").filter_scope == "class" == p.get_parsed_content("train#proto_loss").filter_scope
     # the networks keep the slice axis for two levels, and the preflight checks patches against their strides
     assert p.get_parsed_content("network_def").net_a.divisors == [16, 16, 4] == p.get_parsed_content("network_def").net_b.divisors
     index = next(i for i, line in enumerate(p["initialize"]) if "preflight" in line)
