@@ -9,9 +9,10 @@ voxels the prototype loss would build that class's prototype from (lowest entrop
 networks agreeing). A class whose pseudo-labels are all filtered out learns nothing from the unlabeled data;
 one without reliable voxels has no prototype, and with only one class left the prototype loss is exactly 0.
 Then, when the config keeps the paper's KL weighting (Zheng & Yang's: temperature 1, ``w = exp(-D)`` not
-detached, plus ``mean(D)``), the mean and spread of ``w`` on the kept voxels, the fraction of kept voxels where the gradient through ``w`` outweighs the
-rectification term, pushing the student away from the teacher (:func:`kl_terms`), and the share of the
-rectification term ``mean(D)`` that comes from the voxels the filter drops.
+detached, plus ``mean(D)``), the mean and spread of ``w`` on the kept voxels, the fraction of kept voxels where
+the gradient through ``w`` outweighs the rectification term, pushing the student away from the teacher
+(:func:`kl_terms`), and the share of the rectification term ``mean(D)`` that comes from the voxels the filter
+drops.
 
     python benchmarks/filter_probe.py --dataset_dir /data/ACDC --ckpt bundle/runs/<run>/models/model.pt
     python benchmarks/filter_probe.py --configs train.yaml la.yaml la_cpu.yaml --dataset_dir /data/la2018 \\
@@ -28,13 +29,11 @@ import sys
 from pathlib import Path
 
 import torch
-from monai.bundle import ConfigParser
-from monai.utils import set_determinism
 
 import monai_dualssl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fit_probe import CONFIGS, value  # noqa: E402  (the configs folder and --override's parsing)
+from fit_probe import probe_config  # noqa: E402  (the config with --override, threads and seed)
 
 
 def kept_per_class(teachers: list[torch.Tensor], loss: monai_dualssl.CrossConsistencyLoss, classes: int) -> tuple:
@@ -71,12 +70,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--override", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"))
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    set_determinism(args.seed)
-    config = ConfigParser()
-    config.read_config([str(CONFIGS / f) for f in args.configs])
-    config.update({"bundle_root": str(CONFIGS.parent), "dataset_dir": args.dataset_dir, "cache_rate": 0.0,
-                   **{k: value(v) for k, v in args.override}})
+    config = probe_config(args)
     nets = config.get_parsed_content("network_def")
     nets.load_state_dict(torch.load(args.ckpt, map_location="cpu", weights_only=True))
     nets.train()

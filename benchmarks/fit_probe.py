@@ -37,6 +37,18 @@ def value(text: str):
         return text
 
 
+def probe_config(args: argparse.Namespace) -> ConfigParser:
+    """The config of ``args.configs`` on ``args.dataset_dir`` with ``args.override``, without caching; sets the
+    threads and the seed."""
+    torch.set_num_threads(args.threads)
+    set_determinism(args.seed)
+    config = ConfigParser()
+    config.read_config([str(CONFIGS / f) for f in args.configs])
+    config.update({"bundle_root": str(CONFIGS.parent), "dataset_dir": args.dataset_dir, "cache_rate": 0.0,
+                   **{k: value(v) for k, v in args.override}})
+    return config
+
+
 def counts(labels: torch.Tensor, classes: int) -> list[int]:
     """Voxels per class of a label map."""
     return torch.bincount(labels.flatten(), minlength=classes).tolist()
@@ -56,12 +68,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    set_determinism(args.seed)
-    config = ConfigParser()
-    config.read_config([str(CONFIGS / f) for f in args.configs])
-    config.update({"bundle_root": str(CONFIGS.parent), "dataset_dir": args.dataset_dir, "cache_rate": 0.0,
-                   **{k: value(v) for k, v in args.override}})
+    config = probe_config(args)
     net = getattr(config.get_parsed_content("network_def"), args.network).train()
     classes = config.get_parsed_content("num_classes")
     loader = config.get_parsed_content("train#dataloader")
