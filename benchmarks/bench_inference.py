@@ -14,9 +14,15 @@ networks; its first run, which compiles, is timed apart) and ``jit`` (channels_l
 ``jit_optimize``: frozen TorchScript networks). Every variant predicts the same cases; the Dice
 of each is printed, so a variant that changed the segmentation would show.
 
+``--released`` also times, on the largest volume (or ``--case``), the sliding window of the field's released
+code (UA-MT's ``test_single_case``, which the method's authors ship): the same windows and strides, one window
+at a time, both networks in the default memory format with autograd on (the released loop has no
+``no_grad``), each network's softmax averaged and accumulated in NumPy. It prints its seconds, its Dice and
+the ratio of each variant's field protocol to it (the same work).
+
     python benchmarks/bench_inference.py --dataset_dir /data/la2018 [--ckpt bundle/models/model.pt] \
         [--config bundle/configs/train.yaml bundle/configs/la.yaml bundle/configs/la_cpu.yaml] [--num_cases 4] \
-        [--variants default channels_last compile jit] [--repeats 2] [--protocols field fast] [--threads 2]
+        [--variants default channels_last compile jit] [--repeats 2] [--protocols field fast] [--threads 2] [--released]
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import time
 from pathlib import Path
 
 import h5py
+import numpy as np
 import torch
 from monai.bundle import ConfigParser
 from monai.data import DataLoader, Dataset
@@ -100,10 +107,49 @@ def make_variant(network, name: str):
     return net
 
 
+def released_field(network, image: torch.Tensor, patch: list[int], strides: list[int]) -> np.ndarray:
+    """Class probabilities ``[C, W, H, D]`` of the released sliding window (see the module doc) on ``image``
+    ``[1, 1, W, H, D]``."""
+    pads = [max(p - s, 0) for p, s in zip(patch, image.shape[2:])]
+    vol = np.pad(image[0, 0].numpy(), [(q // 2, q - q // 2) for q in pads])  # centred zero padding, as released
+    score = np.zeros((network.net_a.out_conv.out_channels, *vol.shape), np.float32)
+    count = np.zeros(vol.shape, np.float32)
+    starts = [[min(st * i, n - p) for i in range(int(np.ceil((n - p) / st)) + 1)]
+              for n, p, st in zip(vol.shape, patch, strides)]
+    for x in starts[0]:
+        for y in starts[1]:
+            for z in starts[2]:
+                window = (slice(x, x + patch[0]), slice(y, y + patch[1]), slice(z, z + patch[2]))
+                t = torch.from_numpy(np.ascontiguousarray(vol[window])[None, None])
+                prob = (torch.softmax(network.net_a(t), 1) + torch.softmax(network.net_b(t), 1)) / 2
+                score[(slice(None), *window)] += prob[0].detach().numpy()
+                count[window] += 1
+    w, h, d = image.shape[2:]
+    return (score / count)[:, pads[0] // 2 : pads[0] // 2 + w, pads[1] // 2 : pads[1] // 2 + h, pads[2] // 2 : pads[2] // 2 + d]
+
+
+def compare_released(network, batch: dict, parser: ConfigParser, repeats: int, field_medians: dict) -> None:
+    """Time :func:`released_field` ``repeats`` times on ``batch``; print its Dice and each variant's ratio to it."""
+    patch, strides = parser.get_parsed_content("patch_size"), parser.get_parsed_content("sw_strides")
+    net = make_variant(network, "default")
+    secs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        label = released_field(net, batch["image"], patch, strides).argmax(0)
+        secs.append(time.perf_counter() - start)
+    truth = batch["label"][0, 0].numpy() > 0
+    pred = label > 0
+    dice_value = 2 * (pred & truth).sum() / max(pred.sum() + truth.sum(), 1)
+    print(f"  released loop   {min(secs):7.2f} s/volume min, {statistics.median(secs):7.2f} median; Dice {100 * dice_value:6.2f}")
+    for name, seconds in field_medians.items():
+        print(f"  field / {name}: {seconds / statistics.median(secs):.2f}x the released loop's time")
+
+
 def compare(title: str, networks: dict, batches, parser: ConfigParser, protocols: list[str], repeats: int,
-            out: Path) -> None:
+            out: Path) -> dict:
     """Every protocol with every variant, alternating, ``repeats`` timed runs each (after a warm-up run of the
-    compiled variant); prints seconds per volume (min, median), the speed-up over the first variant and Dice."""
+    compiled variant); prints seconds per volume (min, median), the speed-up over the first variant and Dice.
+    Returns the median seconds per volume of the field protocol per variant."""
     print(f"\n{title}")
     medians: dict = {}
     for protocol in protocols:
@@ -129,6 +175,7 @@ def compare(title: str, networks: dict, batches, parser: ConfigParser, protocols
         print(f"  {name}: speed ratio field/fast {t_field / t_fast:.2f}x; Dice fast - field "
               f"{100 * (d_fast - d_field):+.2f} points ({100 * (l_fast - l_field):+.2f} with LCC)")
     print(f"  peak RSS so far: {peak_rss_mib():.0f} MiB")
+    return {name: medians[p, name][0] for p, name in medians if p == "field"}
 
 
 def main() -> None:
@@ -143,6 +190,7 @@ def main() -> None:
     parser.add_argument("--protocols", nargs="+", default=["field", "fast"], choices=["field", "fast"])
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per variant and protocol, alternating")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: as the bundle, all cores)")
+    parser.add_argument("--released", action="store_true", help="also time the released code's loop on the largest volume")
     args = parser.parse_args()
     if not args.dataset_dir or not (Path(args.dataset_dir) / "train.list").is_file():
         parser.error(f"--dataset_dir must be an LA folder with train.list (found {args.dataset_dir!r}; "
@@ -182,8 +230,10 @@ def main() -> None:
                        if chosen else [largest_case(items)])
             print(f"\n{'case' if chosen else 'largest volume'}: {big[0]['image'].meta['filename_or_obj'][0]}, "
                   f"preprocessed shape {tuple(big[0]['image'].shape[2:])}")
-            compare(f"{'case ' + args.case if chosen else 'largest volume'} (timing; it may be a training case)",
-                    networks, big, config, args.protocols, args.repeats, Path(tmp))
+            field = compare(f"{'case ' + args.case if chosen else 'largest volume'} (timing; it may be a training case)",
+                            networks, big, config, args.protocols, args.repeats, Path(tmp))
+            if args.released:
+                compare_released(network, big[0], config, args.repeats, field)
     print(f"\npeak RSS: {peak_rss_mib():.0f} MiB")
 
 

@@ -7,6 +7,7 @@ windows and torch's thread count.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -232,3 +233,21 @@ def test_gradient_reaches_the_decoder_channels_last():
     assert f.shape[0] == 2
     (z.square().mean() + f.flatten(2).contiguous().square().mean()).backward()
     assert len(grads) == 1 and _is_cl(grads[0])
+
+
+def test_released_loop_of_the_inference_benchmark_is_the_field_protocol():
+    """bench_inference.py's reference (the released code's loop, timed against ours) does the same work: the
+    same probabilities as the bundle's field protocol, with one axis shorter than the window (padded)."""
+    sys.path.insert(0, str(CONFIGS.parents[1] / "benchmarks"))
+    from bench_inference import released_field
+
+    torch.manual_seed(3)
+    ref, _ = _pair()
+    ref.eval()
+    image = torch.rand(1, 1, 45, 37, 13)
+    patch, strides = [32, 32, 16], [9, 7, 3]
+    with torch.no_grad():
+        probs = field_inferer(patch, strides)(image, lambda w: (ref.net_a(w).softmax(1) + ref.net_b(w).softmax(1)) / 2)
+    released = released_field(ref, image, patch, strides)
+    assert released.shape == (2, 45, 37, 13)
+    torch.testing.assert_close(torch.from_numpy(released), probs[0], rtol=1e-4, atol=1e-5)
