@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from ignite.engine import Events
-from monai.bundle import ConfigWorkflow
+from monai.bundle import ConfigParser, ConfigWorkflow
 
 from conftest import CONFIGS, REPO, tiny_overrides
 from monai_dualssl import ConfigError, NonFiniteLossError, RunConfig, as_bool, latest_checkpoint
@@ -189,6 +189,38 @@ def test_resume_accepts_a_checkpoint_holding_a_key_that_has_since_become_resumab
     with pytest.raises(ConfigError) as info:
         RunConfig({"lr": 0.5, "eval_split": "validation"}).load_state_dict(state)
     assert "lr: checkpoint 0.05, now 0.5" in str(info.value) and "eval_split" not in str(info.value)
+
+
+def _train_yaml() -> dict:
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.yaml"))
+    return json.loads(json.dumps(parser.get(), default=str))
+
+
+def test_resume_accepts_a_checkpoint_of_an_older_bundle_version_and_names_the_new_keys(caplog):
+    # train.yaml before filter_scope existed: no top-level key, no argument in the two losses that take it
+    old = _train_yaml()
+    del old["filter_scope"], old["train"]["cps_loss"]["filter_scope"], old["train"]["proto_loss"]["filter_scope"]
+    old["initialize"] = old["initialize"][:-1]  # the workflow's steps changed too
+    # written as MONAI's workflow spells references (a::b); the running configuration spells them a#b
+    state = {"config": json.dumps(old, sort_keys=True).replace("#", "::"), "sha256": "written by an older version"}
+    with caplog.at_level(logging.WARNING):
+        RunConfig(_train_yaml()).load_state_dict(state)
+    assert "New since the checkpoint: filter_scope='batch', train#cps_loss#filter_scope='@filter_scope', " \
+           "train#proto_loss#filter_scope='@filter_scope'." in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        RunConfig(_train_yaml()).load_state_dict(RunConfig(_train_yaml()).state_dict())
+    assert not caplog.text  # the same version: nothing to say
+
+
+def test_resume_refuses_a_changed_value_inside_a_section():
+    state = RunConfig(_train_yaml()).state_dict()
+    changed = _train_yaml()
+    changed["train"]["cps_loss"]["keep_ratio"] = 0.5  # --train#cps_loss#keep_ratio 0.5
+    with pytest.raises(ConfigError) as info:
+        RunConfig(changed).load_state_dict(state)
+    assert "train#cps_loss#keep_ratio: checkpoint '@keep_ratio', now 0.5" in str(info.value)
 
 
 def test_resume_with_nothing_to_resume_from_warns(tmp_path, tiny_dataset, caplog):

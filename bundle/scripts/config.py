@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from monai.bundle import ConfigParser
-from monai.bundle.utils import DEFAULT_EXP_MGMT_SETTINGS
+from monai.bundle.utils import DEFAULT_EXP_MGMT_SETTINGS, ID_SEP_KEY
 
 __all__ = ["ConfigError", "as_bool", "check_config", "check_run_folder", "RunConfig", "running_parser"]
 
@@ -40,9 +40,11 @@ NUMBERS = ("lr", "lambda_u", "lambda_c", "lambda_cos", "alpha", "correction_thre
            "proto_temperature", "dropout", "flip_prob", "rotate_prob", "cache_rate")
 CHOICES = {"amp_dtype": ("float16", "bfloat16"), "filter_rule": ("certain", "uncertain"), "filter_scope": ("batch", "class"),
            "proto_on": ("weaker", "both"), "memory_format": ("auto", "contiguous", "channels_last")}
-#: values that may change between a run and its resumption (where it runs, how fast, how much it logs)
+#: values that may change between a run and its resumption (where it runs, how fast, how much it logs; the
+#: workflow's lists of steps, whose settings are compared through the keys they reference)
 RESUMABLE_CHANGES = ("resume", "overwrite", "bundle_root", "device", "num_workers", "num_threads", "log_interval",
-                     "memory_format", "jit_optimize", "eval_split", "dataset_dir", "_meta_", "tracking", *TRACKING_KEYS)
+                     "memory_format", "jit_optimize", "eval_split", "dataset_dir", "_meta_", "tracking", *TRACKING_KEYS,
+                     "initialize", "run", "finalize")
 
 
 class ConfigError(ValueError):
@@ -250,8 +252,11 @@ class RunConfig:
     """The run's configuration as a checkpoint entry: a resumed run must be the same run.
 
     ``state_dict()`` holds the configuration (JSON) and its hash; ``load_state_dict`` compares it with
-    the running configuration, ignoring :data:`RESUMABLE_CHANGES` on both sides (a checkpoint written
-    before a key became resumable still holds it).
+    the running configuration value by value (nested sections by their ``a#b#c`` paths), ignoring
+    :data:`RESUMABLE_CHANGES` on both sides (a checkpoint written before a key became resumable still
+    holds it). A value the checkpoint has and the running configuration has differently is an error; a
+    key only one side has (the bundle gained or dropped a setting between the run and its resumption) is
+    named in a warning and the run resumes with the running configuration's values.
 
     Args:
         config: the configuration; None takes the running one (:func:`running_parser`).
@@ -271,12 +276,37 @@ class RunConfig:
     def load_state_dict(self, state: Mapping) -> None:
         if state.get("sha256") == self.state_dict()["sha256"]:
             return
-        saved = _fixed(json.loads(state["config"]))
-        keys = sorted(k for k in set(saved) | set(self.config) if saved.get(k) != self.config.get(k))
-        if not keys:
-            return
-        diff = "\n  ".join(f"{k}: checkpoint {saved.get(k)!r}, now {self.config.get(k)!r}" for k in keys[:20])
-        raise ConfigError(
-            f"--resume: the checkpoint belongs to a run with another configuration:\n  {diff}\n"
-            "Resume with the same values, or start a fresh run (--overwrite True or another --run_name)."
-        )
+        saved, now = _comparable(state["config"]), _comparable(json.dumps(self.config))
+        changed = sorted(k for k in saved.keys() & now.keys() if saved[k] != now[k])
+        if changed:
+            diff = "\n  ".join(f"{k}: checkpoint {saved[k]!r}, now {now[k]!r}" for k in changed[:20])
+            raise ConfigError(
+                f"--resume: the checkpoint belongs to a run with another configuration:\n  {diff}\n"
+                "Resume with the same values, or start a fresh run (--overwrite True or another --run_name)."
+            )
+        added, dropped = sorted(now.keys() - saved.keys()), sorted(saved.keys() - now.keys())
+        if added or dropped:
+            logging.getLogger(__name__).warning(
+                "--resume: the checkpoint was written by a configuration with other keys (another version of the "
+                "bundle?); resuming with the running values. "
+                + (f"New since the checkpoint: {', '.join(f'{k}={now[k]!r}' for k in added[:20])}. " if added else "")
+                + (f"No longer configured: {', '.join(dropped[:20])}." if dropped else "")
+            )
+
+
+def _comparable(text: str) -> dict:
+    """The leaves (:func:`_leaves`) of a JSON configuration without :data:`RESUMABLE_CHANGES`, references spelled
+    ``a#b`` (MONAI writes them ``a::b`` in the parsed configuration, versions differ)."""
+    return _leaves(_fixed(json.loads(text.replace(ID_SEP_KEY, "#"))))
+
+
+def _leaves(config: Mapping, prefix: str = "") -> dict:
+    """``{"a#b#c": value}`` for every value of ``config`` that is not a non-empty mapping (MONAI's ``#`` paths)."""
+    out: dict = {}
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(_leaves(value, path + "#"))
+        else:
+            out[path] = value
+    return out
