@@ -119,9 +119,14 @@ def _argmax(x: torch.Tensor) -> torch.Tensor:
     return _max(x)[1]
 
 
+def _norm(x: torch.Tensor) -> torch.Tensor:
+    """``max(||x||_2, 1e-12)`` along dim 1, kept (``linalg.vector_norm`` over a strided dim 1 is 15x slower on CPU)."""
+    return x.pow(2).sum(dim=1, keepdim=True).sqrt().clamp_min(1e-12)
+
+
 def _unit(x: torch.Tensor) -> torch.Tensor:
     """``x / max(||x||_2, 1e-12)`` along dim 1 (as ``F.normalize``, several times faster on CPU)."""
-    return x / x.pow(2).sum(dim=1, keepdim=True).sqrt().clamp_min(1e-12)
+    return x / _norm(x)
 
 
 def lowest_fraction(values: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -550,7 +555,7 @@ class PrototypeContrastiveLoss(_Loss):
         present = hot.sum(dim=(0, 1)) > 0  # [C]
         # sum of unit features per class, f / |f| folded into the one-hot weights (no normalised copy of f)
         f = flat.detach().float()
-        sums = torch.einsum("bfn,bnc->cf", f, hot / torch.linalg.vector_norm(f, dim=1).clamp_min(1e-12).unsqueeze(-1))
+        sums = torch.einsum("bfn,bnc->cf", f, hot / _norm(f).transpose(1, 2))
         protos = _unit(sums)
 
         uncertain = ~reliable.flatten()
