@@ -18,7 +18,9 @@ of each is printed, so a variant that changed the segmentation would show.
 code (UA-MT's ``test_single_case``, which the method's authors ship): the same windows and strides, one window
 at a time, both networks in the default memory format with autograd on (the released loop has no
 ``no_grad``), each network's softmax averaged and accumulated in NumPy. It prints its seconds, its Dice and
-the ratio of each variant's field protocol to it (the same work).
+the ratio of each variant's field protocol to it (the same work), fastest run to fastest run: the first run of
+each in a process is slower (63 vs 38 s for 9 full-width windows in default layout, one thread), so give
+``--repeats 2`` or more.
 
     python benchmarks/bench_inference.py --dataset_dir /data/la2018 [--ckpt bundle/models/model.pt] \
         [--config bundle/configs/train.yaml bundle/configs/la.yaml bundle/configs/la_cpu.yaml] [--num_cases 4] \
@@ -128,8 +130,9 @@ def released_field(network, image: torch.Tensor, patch: list[int], strides: list
     return (score / count)[:, pads[0] // 2 : pads[0] // 2 + w, pads[1] // 2 : pads[1] // 2 + h, pads[2] // 2 : pads[2] // 2 + d]
 
 
-def compare_released(network, batch: dict, parser: ConfigParser, repeats: int, field_medians: dict) -> None:
-    """Time :func:`released_field` ``repeats`` times on ``batch``; print its Dice and each variant's ratio to it."""
+def compare_released(network, batch: dict, parser: ConfigParser, repeats: int, field_fastest: dict) -> None:
+    """Time :func:`released_field` ``repeats`` times on ``batch``; print its Dice and each variant's fastest field
+    run as a ratio of its fastest run (``field_fastest``: seconds per variant)."""
     patch, strides = parser.get_parsed_content("patch_size"), parser.get_parsed_content("sw_strides")
     net = make_variant(network, "default")
     secs = []
@@ -141,15 +144,15 @@ def compare_released(network, batch: dict, parser: ConfigParser, repeats: int, f
     pred = label > 0
     dice_value = 2 * (pred & truth).sum() / max(pred.sum() + truth.sum(), 1)
     print(f"  released loop   {min(secs):7.2f} s/volume min, {statistics.median(secs):7.2f} median; Dice {100 * dice_value:6.2f}")
-    for name, seconds in field_medians.items():
-        print(f"  field / {name}: {seconds / statistics.median(secs):.2f}x the released loop's time")
+    for name, seconds in field_fastest.items():
+        print(f"  field / {name}: {seconds / min(secs):.2f}x the released loop's time (fastest runs)")
 
 
 def compare(title: str, networks: dict, batches, parser: ConfigParser, protocols: list[str], repeats: int,
             out: Path) -> dict:
     """Every protocol with every variant, alternating, ``repeats`` timed runs each (after a warm-up run of the
     compiled variant); prints seconds per volume (min, median), the speed-up over the first variant and Dice.
-    Returns the median seconds per volume of the field protocol per variant."""
+    Returns the fastest seconds per volume of the field protocol per variant."""
     print(f"\n{title}")
     medians: dict = {}
     for protocol in protocols:
@@ -166,16 +169,16 @@ def compare(title: str, networks: dict, batches, parser: ConfigParser, protocols
         for name, summaries in results.items():
             secs = [s["seconds_per_volume"]["ensemble"] for s in summaries]
             base = base or statistics.median(secs)
-            medians[protocol, name] = (statistics.median(secs), dice(summaries[0]), dice(summaries[0], "lcc"))
+            medians[protocol, name] = (statistics.median(secs), dice(summaries[0]), dice(summaries[0], "lcc"), min(secs))
             print(f"  {protocol:5s} {name:14s} {min(secs):7.2f} s/volume min, {statistics.median(secs):7.2f} median "
                   f"({base / statistics.median(secs):.2f}x), scan interval {summaries[0]['inferer']['scan_interval']}; "
                   f"Dice {100 * dice(summaries[0]):6.2f} (LCC {100 * dice(summaries[0], 'lcc'):6.2f})")
     for name in networks if {"field", "fast"} <= set(protocols) else []:
-        (t_field, d_field, l_field), (t_fast, d_fast, l_fast) = medians["field", name], medians["fast", name]
+        (t_field, d_field, l_field, _), (t_fast, d_fast, l_fast, _) = medians["field", name], medians["fast", name]
         print(f"  {name}: speed ratio field/fast {t_field / t_fast:.2f}x; Dice fast - field "
               f"{100 * (d_fast - d_field):+.2f} points ({100 * (l_fast - l_field):+.2f} with LCC)")
     print(f"  peak RSS so far: {peak_rss_mib():.0f} MiB")
-    return {name: medians[p, name][0] for p, name in medians if p == "field"}
+    return {name: medians[p, name][3] for p, name in medians if p == "field"}
 
 
 def main() -> None:
