@@ -197,21 +197,58 @@ def _train_yaml() -> dict:
     return json.loads(json.dumps(parser.get(), default=str))
 
 
-def test_resume_accepts_a_checkpoint_of_an_older_bundle_version_and_names_the_new_keys(caplog):
-    # train.yaml before filter_scope existed: no top-level key, no argument in the two losses that take it
+def _older(**running) -> tuple[dict, dict]:
+    """A checkpoint state of train.yaml before filter_scope existed (and with one workflow step fewer), written as
+    MONAI's workflow spells references (a::b), and the running train.yaml with ``running`` set (a#b paths)."""
     old = _train_yaml()
     del old["filter_scope"], old["train"]["cps_loss"]["filter_scope"], old["train"]["proto_loss"]["filter_scope"]
-    old["initialize"] = old["initialize"][:-1]  # the workflow's steps changed too
-    # written as MONAI's workflow spells references (a::b); the running configuration spells them a#b
-    state = {"config": json.dumps(old, sort_keys=True).replace("#", "::"), "sha256": "written by an older version"}
+    old["initialize"] = old["initialize"][:-1]
+    now = _train_yaml()
+    for path, value in running.items():
+        *parents, leaf = path.split("__")
+        section = now
+        for name in parents:
+            section = section[name]
+        section[leaf] = value
+    return {"config": json.dumps(old, sort_keys=True).replace("#", "::"), "sha256": "an older version"}, now
+
+
+def test_resume_accepts_a_checkpoint_of_an_older_bundle_version_and_names_the_differences(caplog):
+    state, now = _older()
     with caplog.at_level(logging.WARNING):
-        RunConfig(_train_yaml()).load_state_dict(state)
-    assert "New since the checkpoint: filter_scope='batch', train#cps_loss#filter_scope='@filter_scope', " \
-           "train#proto_loss#filter_scope='@filter_scope'." in caplog.text
+        RunConfig(now).load_state_dict(state)
+    assert "filter_scope: checkpoint <not set>, now 'batch'" in caplog.text  # the behaviour before it existed
+    assert "train#cps_loss#filter_scope: checkpoint <not set>, now '@filter_scope'" in caplog.text  # wiring
+    assert "initialize: checkpoint [" in caplog.text  # the workflow's steps differ: named, not refused
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         RunConfig(_train_yaml()).load_state_dict(RunConfig(_train_yaml()).state_dict())
     assert not caplog.text  # the same version: nothing to say
+
+
+@pytest.mark.parametrize("running, message", [
+    # a setting added since, set to anything but what runs before it did: the method would change
+    ({"filter_scope": "class"}, "filter_scope: checkpoint <not set>, now 'class' (runs written before filter_scope "
+                                "existed used 'batch')"),
+    # a new argument given on the command line (--train#optimizer_a#nesterov True)
+    ({"train__optimizer_a__nesterov": True}, "train#optimizer_a#nesterov: checkpoint <not set>, now True"),
+    # a section replaced by a value: the value is new, the section's entries are gone
+    ({"train__lr_scheduler_a": "$None"}, "train#lr_scheduler_a: checkpoint <not set>, now '$None'"),
+])
+def test_resume_refuses_keys_that_change_the_run(running, message):
+    state, now = _older(**running)
+    with pytest.raises(ConfigError) as info:
+        RunConfig(now).load_state_dict(state)
+    assert message in str(info.value)
+
+
+def test_resume_refuses_a_setting_the_running_configuration_no_longer_has():
+    state = RunConfig(_train_yaml()).state_dict()
+    now = _train_yaml()
+    del now["keep_ratio"]
+    with pytest.raises(ConfigError) as info:
+        RunConfig(now).load_state_dict(state)
+    assert "keep_ratio: checkpoint 0.8, now <not set>" in str(info.value)
 
 
 def test_resume_refuses_a_changed_value_inside_a_section():

@@ -40,11 +40,15 @@ NUMBERS = ("lr", "lambda_u", "lambda_c", "lambda_cos", "alpha", "correction_thre
            "proto_temperature", "dropout", "flip_prob", "rotate_prob", "cache_rate")
 CHOICES = {"amp_dtype": ("float16", "bfloat16"), "filter_rule": ("certain", "uncertain"), "filter_scope": ("batch", "class"),
            "proto_on": ("weaker", "both"), "memory_format": ("auto", "contiguous", "channels_last")}
-#: values that may change between a run and its resumption (where it runs, how fast, how much it logs; the
-#: workflow's lists of steps, whose settings are compared through the keys they reference)
+#: values that may change between a run and its resumption (where it runs, how fast, how much it logs)
 RESUMABLE_CHANGES = ("resume", "overwrite", "bundle_root", "device", "num_workers", "num_threads", "log_interval",
-                     "memory_format", "jit_optimize", "eval_split", "dataset_dir", "_meta_", "tracking", *TRACKING_KEYS,
-                     "initialize", "run", "finalize")
+                     "memory_format", "jit_optimize", "eval_split", "dataset_dir", "_meta_", "tracking", *TRACKING_KEYS)
+#: settings added since the first release, with the value that reproduces a run written before each existed: a
+#: checkpoint without one resumes only with that value
+ADDED_SETTINGS = {"filter_scope": "batch", "strides": [2, 2, 2, 2]}
+#: the workflow's lists of steps: a difference is reported, not refused (what they do with the run's settings is
+#: compared through the keys they reference)
+WORKFLOW_STEPS = ("initialize", "run", "finalize")
 
 
 class ConfigError(ValueError):
@@ -254,9 +258,10 @@ class RunConfig:
     ``state_dict()`` holds the configuration (JSON) and its hash; ``load_state_dict`` compares it with
     the running configuration value by value (nested sections by their ``a#b#c`` paths), ignoring
     :data:`RESUMABLE_CHANGES` on both sides (a checkpoint written before a key became resumable still
-    holds it). A value the checkpoint has and the running configuration has differently is an error; a
-    key only one side has (the bundle gained or dropped a setting between the run and its resumption) is
-    named in a warning and the run resumes with the running configuration's values.
+    holds it). Refused: a value both have and that differs; a key only one side has, unless it is a plain
+    reference (``"@a#b"``, the wiring of a setting that is itself compared) or a setting of
+    :data:`ADDED_SETTINGS` missing from the checkpoint and set to its earlier value. Keys accepted that way and
+    differing :data:`WORKFLOW_STEPS` are named in a warning.
 
     Args:
         config: the configuration; None takes the running one (:func:`running_parser`).
@@ -277,21 +282,36 @@ class RunConfig:
         if state.get("sha256") == self.state_dict()["sha256"]:
             return
         saved, now = _comparable(state["config"]), _comparable(json.dumps(self.config))
-        changed = sorted(k for k in saved.keys() & now.keys() if saved[k] != now[k])
-        if changed:
-            diff = "\n  ".join(f"{k}: checkpoint {saved[k]!r}, now {now[k]!r}" for k in changed[:20])
+        unset = "<not set>"
+        shown = lambda value: value if value == unset else repr(value)  # noqa: E731
+        refused, noted = [], []
+        for key in sorted(saved.keys() | now.keys()):
+            before, after = saved.get(key, unset), now.get(key, unset)
+            if before == after:
+                continue
+            one_side = before == unset or after == unset
+            earlier = key in ADDED_SETTINGS and before == unset and after == ADDED_SETTINGS[key]
+            if key in WORKFLOW_STEPS or earlier or (one_side and _wiring(after if before == unset else before)):
+                noted.append(f"{key}: checkpoint {shown(before)}, now {shown(after)}")
+            else:
+                hint = (f" (runs written before {key} existed used {ADDED_SETTINGS[key]!r})"
+                        if key in ADDED_SETTINGS and before == unset else "")
+                refused.append(f"{key}: checkpoint {shown(before)}, now {shown(after)}{hint}")
+        if refused:
             raise ConfigError(
-                f"--resume: the checkpoint belongs to a run with another configuration:\n  {diff}\n"
-                "Resume with the same values, or start a fresh run (--overwrite True or another --run_name)."
+                "--resume: the checkpoint belongs to a run with another configuration:\n  " + "\n  ".join(refused[:20])
+                + "\nResume with the same values, or start a fresh run (--overwrite True or another --run_name)."
             )
-        added, dropped = sorted(now.keys() - saved.keys()), sorted(saved.keys() - now.keys())
-        if added or dropped:
+        if noted:
             logging.getLogger(__name__).warning(
-                "--resume: the checkpoint was written by a configuration with other keys (another version of the "
-                "bundle?); resuming with the running values. "
-                + (f"New since the checkpoint: {', '.join(f'{k}={now[k]!r}' for k in added[:20])}. " if added else "")
-                + (f"No longer configured: {', '.join(dropped[:20])}." if dropped else "")
+                "--resume: the checkpoint was written by another version of the bundle; resuming with these "
+                "differences, which leave the run's settings as they were:\n  " + "\n  ".join(noted[:20])
             )
+
+
+def _wiring(value: Any) -> bool:
+    """Whether ``value`` is a plain reference to another key (``"@a#b"``)."""
+    return isinstance(value, str) and re.fullmatch(r"@[\w#]+", value) is not None
 
 
 def _comparable(text: str) -> dict:
