@@ -9,7 +9,8 @@ val.list) and its final one (``checkpoints/final.pt``). Each finished run leaves
 ``runs/acdc_cpu_<config>_<labels>pct_s<seed>/record.json`` with both evaluations' summaries (ensemble and each
 network, with and without per-class largest-component post-processing; Dice, Jaccard, 95HD and ASD in voxels
 and mm per structure and their mean), the per-case Dice per structure, wall times and the training curves
-read from its TensorBoard log. Runs whose record exists are skipped, so the study resumes where it stopped.
+read from its TensorBoard log. Runs whose record exists (in ``bundle/runs``, or among the runs of the committed
+``bundle/docs/results/<prefix>.json``) are skipped, so the study resumes where it stopped, on any machine.
 One seed by default (each full-method run is about an hour on one core); ``--seeds`` adds more.
 
     python benchmarks/acdc_cpu.py --dataset_dir /data/ACDC --threads 1 --configs supervised &   # side by side,
@@ -31,7 +32,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from la_cpu import command, curves, records_json, timed  # noqa: E402  (the LA study's runner, shared)
+from la_cpu import command, curves, finished, records_json, timed  # noqa: E402  (the LA study's runner, shared)
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
@@ -216,10 +217,11 @@ def figure(records: list[dict], path: Path) -> None:
 
 
 def collect(output: Path, prefix: str = "acdc_cpu") -> None:
-    """Gather every finished run's record into ``output`` (with the aggregate and the tests); print the tables."""
-    records = [json.loads(p.read_text()) for p in sorted((BUNDLE / "runs").glob(f"{prefix}_*pct_s*/record.json"))]
+    """Gather the finished runs (those ``output`` holds and those in ``bundle/runs``) into ``output``, with the
+    aggregate and the tests; print the tables."""
+    records = [record for _, record in sorted(finished(output, f"{prefix}_*pct_s*").items())]
     if not records:
-        raise SystemExit(f"no finished run (bundle/runs/{prefix}_*pct_s*/record.json) to collect.")
+        raise SystemExit(f"no finished run (bundle/runs/{prefix}_*pct_s*/record.json or {output}) to collect.")
     rows, tests = aggregate(records), paired_tests(records)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(records_json({"summary": rows, "tests": tests, "runs": records}))
@@ -246,8 +248,9 @@ def main() -> None:
     if not args.dataset_dir:
         parser.error("--dataset_dir is required to train")
     extra = dict(args.override)
+    results = BUNDLE / "docs" / "results" / f"{args.prefix}.json"
     for config, labels, seed in itertools.product(args.configs, args.labels, args.seeds):
-        if (BUNDLE / "runs" / run_name(config, labels, seed, args.prefix) / "record.json").is_file():
+        if run_name(config, labels, seed, args.prefix) in finished(results, f"{args.prefix}_*pct_s*"):
             continue
         record = one_run(config, labels, seed, args.dataset_dir, args.threads, extra, args.prefix)
         print(json.dumps({k: record[k] for k in ("run", "train_wall_seconds", "iterations")}), flush=True)

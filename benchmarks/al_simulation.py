@@ -16,8 +16,10 @@ if missing). Its best model then picks 4 more cases of the 60 to "annotate" (the
 
 Round 2 retrains from scratch (same budget and seed) with the 8 labeled cases first in a list file of
 its own (``--train_list``), the other 56 pool cases unlabeled, and is evaluated as the la_cpu study
-does (field protocol, best and final checkpoints). Each seed also draws the random choice. Resumable:
-a selection (``selection.json``) or a run (``record.json``) that exists is not redone.
+does (field protocol, best and final checkpoints). Each seed also draws the random choice. Resumable, also
+on a machine without the earlier run folders: a selection or a round-2 run found in its folder
+(``selection.json``, ``record.json``) or in the committed ``bundle/docs/results/al_simulation.json`` is not
+redone, and round 1 is retrained only when a selection still needs its model.
 
     python benchmarks/al_simulation.py --dataset_dir /data/la2018 --threads 1 --plan 0 &   # two at a time
     python benchmarks/al_simulation.py --dataset_dir /data/la2018 --threads 1 --plan 1 &
@@ -40,6 +42,7 @@ import la_cpu  # noqa: E402
 STRATEGIES = ("disagreement", "random", "epistemic", "next_ids")
 POOL, VAL, ROUND1, PICK = 64, 16, 4, 4
 MC_SAMPLES = 10
+RESULTS = la_cpu.BUNDLE / "docs" / "results" / "al_simulation.json"
 
 
 def run_dir(strategy: str, seed: int) -> Path:
@@ -87,11 +90,23 @@ def scores(strategy: str, seed: int, dataset_dir: str, candidates: list[str]) ->
     return result
 
 
-def select(strategy: str, seed: int, dataset_dir: str) -> list[str]:
-    """The 8 labeled ids of round 2 (round 1's 4, then the 4 picked), from ``selection.json`` if done."""
-    path = run_dir(strategy, seed) / "selection.json"
-    if path.is_file():
-        return json.loads(path.read_text())["labeled"]
+def selections() -> dict[str, dict]:
+    """Every selection made so far by round-2 folder name: the committed ones, then those in ``bundle/runs``."""
+    found = json.loads(RESULTS.read_text())["selections"] if RESULTS.is_file() else {}
+    for path in sorted((la_cpu.BUNDLE / "runs").glob("al_*_s*/selection.json")):
+        found[path.parent.name] = json.loads(path.read_text())
+    return found
+
+
+def select(strategy: str, seed: int, dataset_dir: str, threads: int | None = None) -> list[str]:
+    """The 8 labeled ids of round 2 (round 1's 4, then the 4 picked), read back if made before; round 1 is
+    trained first if a selection needs its model and its folder has none."""
+    path, made = run_dir(strategy, seed) / "selection.json", selections()
+    if path.parent.name in made:
+        return made[path.parent.name]["labeled"]
+    round1 = la_cpu.BUNDLE / "runs" / la_cpu.run_name("full", 5, seed) / "models" / "model.pt"
+    if strategy != "random" and not round1.is_file():
+        la_cpu.one_run("full", 5, seed, dataset_dir, threads)
     ids = la_cpu_ids(dataset_dir)
     candidates = ids[ROUND1:POOL]
     score = scores(strategy, seed, dataset_dir, candidates)
@@ -106,14 +121,12 @@ def la_cpu_ids(dataset_dir: str) -> list[str]:
 
 
 def round2(strategy: str, seed: int, dataset_dir: str, threads: int | None) -> dict:
-    """Round 1 (if missing), the selection, round 2 and its record."""
-    if not (la_cpu.BUNDLE / "runs" / la_cpu.run_name("full", 5, seed) / "record.json").is_file():
-        la_cpu.one_run("full", 5, seed, dataset_dir, threads)
+    """The selection (round 1 first if it needs it), round 2 and its record."""
     if strategy == "next_ids":  # the first 8 ids: the la_cpu study's full 10 % run
-        record_path = la_cpu.BUNDLE / "runs" / la_cpu.run_name("full", 10, seed) / "record.json"
-        record = json.loads(record_path.read_text()) if record_path.is_file() else la_cpu.one_run("full", 10, seed, dataset_dir, threads)
-        return {**record, "strategy": strategy, "labeled": la_cpu_ids(dataset_dir)[:8]}
-    labeled = select(strategy, seed, dataset_dir)
+        record = la_cpu.finished(la_cpu.RESULTS).get(la_cpu.run_name("full", 10, seed))
+        record = record or la_cpu.one_run("full", 10, seed, dataset_dir, threads)
+        return {**record, "strategy": strategy, "seed": seed, "labeled": la_cpu_ids(dataset_dir)[:8]}
+    labeled = select(strategy, seed, dataset_dir, threads)
     ids = la_cpu_ids(dataset_dir)
     order = labeled + [i for i in ids[:POOL] if i not in labeled] + ids[-VAL:]
     folder = run_dir(strategy, seed)
@@ -128,16 +141,16 @@ def round2(strategy: str, seed: int, dataset_dir: str, threads: int | None) -> d
 
 def collect(output: Path) -> None:
     """Validation Dice after round 2 per strategy (mean ± std over seeds) and Wilcoxon tests against random."""
-    import numpy as np
     from scipy.stats import wilcoxon
 
+    done, study = la_cpu.finished(output, "al_*_s*"), la_cpu.finished(la_cpu.RESULTS)
     records = {}
     for strategy in STRATEGIES:
         for seed in la_cpu.SEEDS:
-            path = (la_cpu.BUNDLE / "runs" / la_cpu.run_name("full", 10, seed) / "record.json" if strategy == "next_ids"
-                    else run_dir(strategy, seed) / "record.json")
-            if path.is_file():
-                records[(strategy, seed)] = json.loads(path.read_text())
+            name = la_cpu.run_name("full", 10, seed) if strategy == "next_ids" else run_dir(strategy, seed).name
+            record = study.get(name) or done.get(name)  # next_ids: the la_cpu study's own record first
+            if record:
+                records[(strategy, seed)] = {**record, "strategy": strategy, "seed": seed}
     rows, tests = [], []
     for strategy in STRATEGIES:
         for which in ("final", "best"):
@@ -154,11 +167,9 @@ def collect(output: Path) -> None:
                 tests.append({"strategy": strategy, "vs": "random", "checkpoint": which, "pairs": len(a),
                               "mean_gain_dice_points": round(100 * float(np.mean(np.subtract(a, b))), 2),
                               "wilcoxon_p": float(wilcoxon(a, b).pvalue)})
-    selections = {f"{s}_s{seed}": json.loads((run_dir(s, seed) / "selection.json").read_text())["picked"]
-                  for s in STRATEGIES for seed in la_cpu.SEEDS if (run_dir(s, seed) / "selection.json").is_file()}
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps({"summary": rows, "tests": tests, "selections": selections,
-                                  "runs": [{**r, "curves": None} for r in records.values()]}, indent=2) + "\n")
+    output.write_text(la_cpu.records_json({"summary": rows, "tests": tests, "selections": selections(),
+                                           "runs": list(records.values())}))
     for r in rows:
         std = f" ± {100 * r['dice_std']:.2f}" if r["dice_std"] is not None else ""
         print(f"{r['strategy']:13s} {r['checkpoint']:5s} seeds {r['seeds']}: Dice {100 * r['dice_mean']:.2f}{std}")
@@ -182,7 +193,7 @@ def main() -> None:
         parser.error("--dataset_dir is required to train")
     plan = [(s, seed) for seed in args.seeds for s in args.strategies]
     for strategy, seed in plan if args.plan is None else plan[args.plan :: 2]:
-        if strategy != "next_ids" and (run_dir(strategy, seed) / "record.json").is_file():
+        if strategy != "next_ids" and run_dir(strategy, seed).name in la_cpu.finished(RESULTS, "al_*_s*"):
             continue
         record = round2(strategy, seed, args.dataset_dir, args.threads)
         print(json.dumps({"strategy": strategy, "seed": seed, "labeled": record["labeled"]}), flush=True)

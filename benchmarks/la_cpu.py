@@ -7,7 +7,9 @@ checkpoint (``models/model.pt``, chosen on the validation cases) and its final o
 (``checkpoints/final.pt``). Each finished run leaves ``runs/la_cpu_<config>_<labels>pct_s<seed>/record.json``
 with both evaluations' summaries, the per-case Dice, wall times and the training curves (validation
 Dice; the KL weights' mean and spread on kept voxels) read from its TensorBoard log. Runs whose record
-exists are skipped, so the study resumes where it stopped.
+exists, in ``bundle/runs`` or among the runs of the committed ``bundle/docs/results/la_cpu.json``, are
+skipped, so the study resumes where it stopped, also on a machine that has none of the earlier run folders;
+``--collect`` keeps the committed runs and adds (or replaces them by) the records found in ``bundle/runs``.
 
     python benchmarks/la_cpu.py --dataset_dir /data/la2018 --threads 1 --plan 0 &   # two at a time,
     python benchmarks/la_cpu.py --dataset_dir /data/la2018 --threads 1 --plan 1 &   # each its share
@@ -31,6 +33,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
+RESULTS = BUNDLE / "docs" / "results" / "la_cpu.json"
 CONFIGS = ["bundle/configs/train.yaml", "bundle/configs/la.yaml", "bundle/configs/la_cpu.yaml"]
 SUPERVISED = ["bundle/configs/supervised.yaml"]
 RUNS = {
@@ -73,6 +76,16 @@ def command(workflow: str, configs: list[str], dataset_dir: str, name: str, over
     for key, value in overrides.items():  # paths in the repository relative to it (the runs' working directory)
         args += [f"--{key}", str(value.relative_to(REPO) if isinstance(value, Path) and value.is_relative_to(REPO) else value)]
     return args
+
+
+def finished(results: Path, pattern: str = "la_cpu_*pct_s*") -> dict[str, dict]:
+    """Every finished run's record by run name: the runs kept in ``results`` (a study's committed JSON), then
+    ``bundle/runs/<pattern>/record.json`` (a run finished here, which replaces a kept one of the same name)."""
+    records = {r["run"]: r for r in json.loads(results.read_text())["runs"]} if results.is_file() else {}
+    for path in sorted((BUNDLE / "runs").glob(f"{pattern}/record.json")):
+        record = json.loads(path.read_text())
+        records[record["run"]] = record
+    return records
 
 
 def records_json(records: dict) -> str:
@@ -260,8 +273,9 @@ def figure(records: list[dict], path: Path) -> None:
 
 
 def collect(output: Path) -> None:
-    """Gather every finished run's record into ``output`` (with the aggregate and the tests); print the tables."""
-    records = [json.loads(p.read_text()) for p in sorted((BUNDLE / "runs").glob("la_cpu_*pct_s*/record.json"))]
+    """Gather the finished runs (those ``output`` holds and those in ``bundle/runs``) into ``output``, with the
+    aggregate and the tests; print the tables."""
+    records = [record for _, record in sorted(finished(output).items())]
     rows, tests = aggregate(records), paired_tests(records)
     supervised_tests = paired_tests(records, reference="supervised")
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -288,7 +302,7 @@ def main() -> None:
         parser.error("--dataset_dir and one of --plan / --configs are required to train")
     runs = PLAN[args.plan :: 2] if args.plan is not None else list(itertools.product(args.configs, args.labels, args.seeds))
     for config, labels, seed in runs:
-        if (BUNDLE / "runs" / run_name(config, labels, seed) / "record.json").is_file():
+        if run_name(config, labels, seed) in finished(RESULTS):
             continue
         record = one_run(config, labels, seed, args.dataset_dir, args.threads)
         print(json.dumps({k: record[k] for k in ("run", "train_wall_seconds", "iterations")}), flush=True)

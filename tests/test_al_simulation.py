@@ -27,6 +27,7 @@ def test_random_selection_keeps_round_one_and_picks_from_the_pool_once(tmp_path,
     data.mkdir()
     (data / "train.list").write_text("\n".join(ids) + "\n")
     monkeypatch.setattr(la_cpu, "BUNDLE", tmp_path / "bundle")
+    monkeypatch.setattr(al_simulation, "RESULTS", tmp_path / "al_simulation.json")
     labeled = al_simulation.select("random", 3, str(data))
     assert labeled[:4] == ids[:4] and len(set(labeled)) == 8
     assert all(c in ids[4:64] for c in labeled[4:])  # never a validation case (the last 16)
@@ -38,3 +39,38 @@ def test_random_selection_keeps_round_one_and_picks_from_the_pool_once(tmp_path,
     (tmp_path / "bundle" / "runs" / "al_random_s3" / "selection.json").write_text(json.dumps(saved))
     assert al_simulation.select("random", 3, str(data)) == ids[:8]
     assert al_simulation.select("random", 4, str(data)) != labeled  # the seed draws the choice
+
+
+def test_a_committed_selection_is_read_back_on_a_machine_without_the_run_folders(tmp_path, monkeypatch):
+    ids = [f"case{i:02d}" for i in range(80)]
+    data = tmp_path / "la"
+    data.mkdir()
+    (data / "train.list").write_text("\n".join(ids) + "\n")
+    monkeypatch.setattr(la_cpu, "BUNDLE", tmp_path / "bundle")
+    monkeypatch.setattr(al_simulation, "RESULTS", tmp_path / "al_simulation.json")
+    made = {"labeled": ids[:4] + ids[10:14], "picked": ids[10:14], "scores": {}}
+    al_simulation.RESULTS.write_text(json.dumps({"selections": {"al_disagreement_s2": made}, "runs": []}))
+
+    def no_training(*args):
+        raise AssertionError("round 1 retrained although its selection is known")
+
+    monkeypatch.setattr(la_cpu, "one_run", no_training)
+    assert al_simulation.select("disagreement", 2, str(data)) == made["labeled"]
+    # not committed, and round 1's model is missing: round 1 is trained first, then the cases are scored
+    calls = []
+    monkeypatch.setattr(la_cpu, "one_run", lambda *args: calls.append(args[:3]))
+    monkeypatch.setattr(al_simulation, "scores", lambda strategy, seed, d, candidates: {c: float(c[4:]) for c in candidates})
+    assert al_simulation.select("disagreement", 3, str(data))[4:] == ids[63:59:-1]
+    assert calls == [("full", 5, 3)]
+    assert al_simulation.select("random", 3, str(data)) and calls == [("full", 5, 3)]  # random needs no model
+
+
+def test_next_ids_reuses_the_study_record_committed_by_la_cpu(tmp_path, monkeypatch):
+    ids = [f"case{i:02d}" for i in range(80)]
+    (tmp_path / "train.list").write_text("\n".join(ids) + "\n")
+    monkeypatch.setattr(la_cpu, "BUNDLE", tmp_path / "bundle")
+    monkeypatch.setattr(la_cpu, "RESULTS", tmp_path / "la_cpu.json")
+    la_cpu.RESULTS.write_text(json.dumps({"runs": [{"run": "la_cpu_full_10pct_s2", "seed": 2, "x": 1}]}))
+    monkeypatch.setattr(la_cpu, "one_run", lambda *args: pytest.fail("the study's committed run was retrained"))
+    record = al_simulation.round2("next_ids", 2, str(tmp_path), threads=1)
+    assert record["x"] == 1 and record["labeled"] == ids[:8] and record["strategy"] == "next_ids"

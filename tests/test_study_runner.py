@@ -1,5 +1,6 @@
 """The study drivers' runner (benchmarks/la_cpu.py's ``timed``, shared by acdc_cpu.py and al_simulation.py)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -54,3 +55,22 @@ def test_curves_keep_the_later_value_of_a_step_logged_again_after_a_resume(tmp_p
         resumed.add_scalar("val_mean_dice", 0.6, 2)
     curves = la_cpu.curves(tmp_path, epoch_length=50)
     assert curves == {"kl_w_mean": [[25, 0.25], [50, 0.5], [75, 0.76], [100, 1.01]], "val_mean_dice": [[50, 0.5], [100, 0.6]]}
+
+
+def test_the_study_resumes_from_its_committed_results_and_collect_keeps_them(tmp_path, monkeypatch):
+    """A machine with none of the earlier run folders: the runs in the committed JSON are not redone, and
+    collecting adds the runs finished here to them (a run finished here replaces a kept one of its name)."""
+    monkeypatch.setattr(la_cpu, "BUNDLE", tmp_path / "bundle")
+    monkeypatch.setattr(la_cpu, "RESULTS", tmp_path / "la_cpu.json")
+    kept = [{"run": la_cpu.run_name("full", 10, s), "v": "kept"} for s in (1337, 2)]
+    la_cpu.RESULTS.write_text(json.dumps({"runs": kept}))
+    here = tmp_path / "bundle" / "runs" / la_cpu.run_name("full", 10, 2)
+    here.mkdir(parents=True)
+    (here / "record.json").write_text(json.dumps({"run": here.name, "v": "new"}))
+    records = la_cpu.finished(la_cpu.RESULTS)
+    assert {name: r["v"] for name, r in records.items()} == {"la_cpu_full_10pct_s1337": "kept", "la_cpu_full_10pct_s2": "new"}
+    trained = []
+    monkeypatch.setattr(la_cpu, "one_run", lambda c, l, s, *a: trained.append((c, l, s)) or {"run": "", "train_wall_seconds": 0, "iterations": 0})
+    monkeypatch.setattr(sys, "argv", ["la_cpu.py", "--dataset_dir", "d", "--configs", "full", "--seeds", "1337", "2", "3"])
+    la_cpu.main()
+    assert trained == [("full", 10, 3)]
