@@ -36,20 +36,21 @@ BUNDLE = REPO / "bundle"
 RESULTS = BUNDLE / "docs" / "results" / "la_cpu.json"
 CONFIGS = ["bundle/configs/train.yaml", "bundle/configs/la.yaml", "bundle/configs/la_cpu.yaml"]
 SUPERVISED = ["bundle/configs/supervised.yaml"]
+PAPER = {"filter_scope": "batch"}  # the paper's entropy ranking, train.yaml's default when these runs were made
 RUNS = {
     "supervised": {"configs": SUPERVISED, "overrides": {}},
-    "full": {"configs": [], "overrides": {}},
-    "no_kl": {"configs": [], "overrides": {"kl_weighting": False}},
-    "no_filter": {"configs": [], "overrides": {"entropy_filter": False}},
-    "no_proto": {"configs": [], "overrides": {"use_proto": False}},
+    "full": {"configs": [], "overrides": PAPER},
+    "no_kl": {"configs": [], "overrides": {**PAPER, "kl_weighting": False}},
+    "no_filter": {"configs": [], "overrides": {**PAPER, "entropy_filter": False}},
+    "no_proto": {"configs": [], "overrides": {**PAPER, "use_proto": False}},
     # plain cross pseudo supervision: no filter, no KL weighting, no prototype, no cosine term
-    "cps": {"configs": [], "overrides": {"entropy_filter": False, "kl_weighting": False, "use_proto": False,
+    "cps": {"configs": [], "overrides": {**PAPER, "entropy_filter": False, "kl_weighting": False, "use_proto": False,
                                          "use_cos": False}},
     # the KL weighting's settings
-    "kl_detach": {"configs": [], "overrides": {"detach_weight": True}},
-    "kl_no_rectify": {"configs": [], "overrides": {"kl_rectify": False}},
-    "kl_t2": {"configs": [], "overrides": {"temperature": 2.0}},
-    # the entropy filter and the prototypes' reliable voxels ranked within each pseudo-class
+    "kl_detach": {"configs": [], "overrides": {**PAPER, "detach_weight": True}},
+    "kl_no_rectify": {"configs": [], "overrides": {**PAPER, "kl_rectify": False}},
+    "kl_t2": {"configs": [], "overrides": {**PAPER, "temperature": 2.0}},
+    # the entropy filter and the prototypes' reliable voxels ranked within each pseudo-class: train.yaml's default
     "full_class": {"configs": [], "overrides": {"filter_scope": "class"}},
 }
 LABELED = {10: 8, 5: 4}   # % of the 80 volumes -> labeled cases (the first ids of train.list)

@@ -214,22 +214,24 @@ def _older(**running) -> tuple[dict, dict]:
 
 
 def test_resume_accepts_a_checkpoint_of_an_older_bundle_version_and_names_the_differences(caplog):
-    state, now = _older()
+    state, now = _older(filter_scope="batch")  # resumed with --filter_scope batch, the behaviour before it existed
     with caplog.at_level(logging.WARNING):
         RunConfig(now).load_state_dict(state)
-    assert "filter_scope: checkpoint <not set>, now 'batch'" in caplog.text  # the behaviour before it existed
+    assert "filter_scope: checkpoint <not set>, now 'batch'" in caplog.text
     assert "train#cps_loss#filter_scope: checkpoint <not set>, now '@filter_scope'" in caplog.text  # wiring
     assert "initialize: checkpoint [" in caplog.text  # the workflow's steps differ: named, not refused
     caplog.clear()
+    same = RunConfig(_train_yaml()).state_dict()
     with caplog.at_level(logging.WARNING):
-        RunConfig(_train_yaml()).load_state_dict(RunConfig(_train_yaml()).state_dict())
-    assert not caplog.text  # the same version: nothing to say
+        RunConfig(_train_yaml()).load_state_dict(same)
+        RunConfig(_train_yaml()).load_state_dict({**same, "sha256": "another hash"})  # compared value by value
+    assert not caplog.text  # the same configuration: nothing to say
 
 
 @pytest.mark.parametrize("running, message", [
     # a setting added since, set to anything but what runs before it did: the method would change
-    ({"filter_scope": "class"}, "filter_scope: checkpoint <not set>, now 'class' (runs written before filter_scope "
-                                "existed used 'batch')"),
+    # (train.yaml's default is now 'class')
+    ({}, "filter_scope: checkpoint <not set>, now 'class' (runs written before filter_scope existed used 'batch')"),
     # a new argument given on the command line (--train#optimizer_a#nesterov True)
     ({"train__optimizer_a__nesterov": True}, "train#optimizer_a#nesterov: checkpoint <not set>, now True"),
     # a section replaced by a value: the value is new, the section's entries are gone
