@@ -198,6 +198,9 @@ def main() -> None:
     if not args.dataset_dir or not (Path(args.dataset_dir) / "train.list").is_file():
         parser.error(f"--dataset_dir must be an LA folder with train.list (found {args.dataset_dir!r}; "
                      "or set LA2018_DIR).")
+    if args.released and (args.skip_largest or "field" not in args.protocols):
+        parser.error("--released times the field protocol on the largest volume: drop --skip_largest and keep "
+                     f"'field' in --protocols (found --skip_largest {args.skip_largest}, --protocols {args.protocols}).")
 
     threads = set_num_threads(args.threads)
     config = parse_config(args.config, args.dataset_dir)

@@ -251,3 +251,14 @@ def test_released_loop_of_the_inference_benchmark_is_the_field_protocol():
     released = released_field(ref, image, patch, strides)
     assert released.shape == (2, 45, 37, 13)
     torch.testing.assert_close(torch.from_numpy(released), probs[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("flags", [["--skip_largest"], ["--protocols", "fast"]])
+def test_released_comparison_is_refused_where_it_would_time_nothing(tmp_path, flags):
+    import subprocess
+
+    (tmp_path / "train.list").write_text("case\n")
+    script = CONFIGS.parents[1] / "benchmarks" / "bench_inference.py"
+    result = subprocess.run([sys.executable, str(script), "--dataset_dir", str(tmp_path), "--released", *flags],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "--released times the field protocol on the largest volume" in result.stderr
