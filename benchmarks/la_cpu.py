@@ -202,7 +202,10 @@ def aggregate(records: list[dict]) -> list[dict]:
 
 
 def paired_tests(records: list[dict], reference: str = "full") -> list[dict]:
-    """Wilcoxon signed-rank over the (case, seed) pairs: ``reference`` vs every other config, per labels and checkpoint."""
+    """``reference`` vs every other config, per labels and checkpoint: the Wilcoxon signed-rank test over the
+    (case, seed) pairs, the gain in each seed, and, as the pairs of one case under several seeds are not
+    independent, the Wilcoxon test over the cases of the gain averaged over the seeds."""
+    import numpy as np
     from scipy.stats import wilcoxon
 
     index = {(r["config"], r["labels_percent"], r["seed"]): r for r in records}
@@ -211,19 +214,23 @@ def paired_tests(records: list[dict], reference: str = "full") -> list[dict]:
         if config == reference:
             continue
         for which in ("final", "best"):
-            a, b = [], []
+            gains = {}  # seed -> case -> Dice gain of the reference
             for seed in SEEDS:
                 ours, theirs = index.get((reference, labels, seed)), index.get((config, labels, seed))
                 if ours and theirs:
-                    cases = sorted(ours["evaluation"][which]["per_case_dice"])
-                    a += [ours["evaluation"][which]["per_case_dice"][c] for c in cases]
-                    b += [theirs["evaluation"][which]["per_case_dice"][c] for c in cases]
-            if len(a) < 6:
+                    a, b = ours["evaluation"][which]["per_case_dice"], theirs["evaluation"][which]["per_case_dice"]
+                    gains[seed] = {case: a[case] - b[case] for case in sorted(a)}
+            diff = [g for by_case in gains.values() for g in by_case.values()]
+            if len(diff) < 6:
                 continue
-            diff = [x - y for x, y in zip(a, b)]
-            tests.append({"reference": reference, "other": config, "labels_percent": labels, "checkpoint": which,
-                          "pairs": len(a), "mean_gain_dice_points": round(100 * sum(diff) / len(diff), 2),
-                          "wilcoxon_p": float(wilcoxon(a, b).pvalue)})
+            test = {"reference": reference, "other": config, "labels_percent": labels, "checkpoint": which,
+                    "pairs": len(diff), "mean_gain_dice_points": round(100 * float(np.mean(diff)), 2),
+                    "wilcoxon_p": float(wilcoxon(diff).pvalue),
+                    "gain_per_seed": {str(s): round(100 * float(np.mean(list(g.values()))), 2) for s, g in gains.items()}}
+            if len(gains) > 1:
+                per_case = np.mean([list(g.values()) for g in gains.values()], axis=0)
+                test["cases"], test["case_mean_wilcoxon_p"] = len(per_case), float(wilcoxon(per_case).pvalue)
+            tests.append(test)
     return tests
 
 
@@ -236,10 +243,13 @@ def report(rows: list[dict], tests: list[dict]) -> str:
     for r in rows:
         lines.append(f"| {r['labels_percent']} % | {r['config']} | {r['checkpoint']} | {len(r['seeds'])} | {_cell(r['dice'], 100)} "
                      f"| {_cell(r['jaccard'], 100)} | {_cell(r['hd95_vox'])} | {_cell(r['asd_vox'])} |")
-    lines += ["", "| labels | full vs | checkpoint | pairs | mean gain (Dice points) | Wilcoxon p |", "|---|---|---|---|---|---|"]
+    lines += ["", "| labels | reference vs | checkpoint | pairs | mean gain (Dice points) | Wilcoxon p | gain per seed "
+              "| Wilcoxon p, cases (seed mean) |", "|---|---|---|---|---|---|---|---|"]
     for t in tests:
-        lines.append(f"| {t['labels_percent']} % | {t['other']} | {t['checkpoint']} | {t['pairs']} "
-                     f"| {t['mean_gain_dice_points']:+.2f} | {t['wilcoxon_p']:.3g} |")
+        per_seed = ", ".join(f"{g:+.2f}" for g in t["gain_per_seed"].values())
+        by_case = f"{t['case_mean_wilcoxon_p']:.3g} ({t['cases']})" if "cases" in t else ""
+        lines.append(f"| {t['labels_percent']} % | {t['reference']} vs {t['other']} | {t['checkpoint']} | {t['pairs']} "
+                     f"| {t['mean_gain_dice_points']:+.2f} | {t['wilcoxon_p']:.3g} | {per_seed} | {by_case} |")
     return "\n".join(lines)
 
 
@@ -283,7 +293,7 @@ def collect(output: Path) -> None:
     output.write_text(records_json({"summary": rows, "tests": tests + supervised_tests, "runs": records}))
     figure(records, output.with_suffix(".png"))
     print(f"{len(records)} runs -> {output}, {output.with_suffix('.png')}")
-    print(report(rows, tests))
+    print(report(rows, tests + supervised_tests))
 
 
 def main() -> None:

@@ -74,3 +74,26 @@ def test_the_study_resumes_from_its_committed_results_and_collect_keeps_them(tmp
     monkeypatch.setattr(sys, "argv", ["la_cpu.py", "--dataset_dir", "d", "--configs", "full", "--seeds", "1337", "2", "3"])
     la_cpu.main()
     assert trained == [("full", 10, 3)]
+
+
+def test_paired_tests_by_hand():
+    """Two seeds of 6 cases: the pooled test over 12 pairs, the gain per seed, the test over the seed-averaged cases."""
+    from scipy.stats import wilcoxon
+
+    gain = {1337: [0.01, 0.02, 0.03, 0.04, 0.05, -0.06], 2: [0.03, -0.01, 0.02, 0.01, 0.02, -0.002]}
+    base = [0.5, 0.6, 0.7, 0.8, 0.85, 0.9]
+
+    def record(config, seed, dice):
+        cases = {f"c{i}": d for i, d in enumerate(dice)}
+        return {"config": config, "labels_percent": 10, "seed": seed,
+                "evaluation": {w: {"per_case_dice": cases} for w in ("final", "best")}}
+
+    records = [record("supervised", s, base) for s in gain] + [
+        record("full", s, [b + g for b, g in zip(base, gain[s])]) for s in gain]
+    final = [t for t in la_cpu.paired_tests(records) if t["checkpoint"] == "final"]
+    assert len(final) == 1 and final[0]["other"] == "supervised" and final[0]["pairs"] == 12
+    assert final[0]["gain_per_seed"] == {"1337": 1.5, "2": 1.13}
+    assert final[0]["mean_gain_dice_points"] == 1.32
+    assert final[0]["wilcoxon_p"] == pytest.approx(wilcoxon(gain[1337] + gain[2]).pvalue)
+    averaged = [(x + y) / 2 for x, y in zip(gain[1337], gain[2])]
+    assert final[0]["cases"] == 6 and final[0]["case_mean_wilcoxon_p"] == pytest.approx(wilcoxon(averaged).pvalue)
