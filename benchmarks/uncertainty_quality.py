@@ -13,7 +13,12 @@ through the inferer of an evaluation protocol with ``DualNet(output="uncertainty
   predicted and true foreground dilated by ``--margin`` voxels (a cube), pooled over the cases. Maps:
   the entropy ``H`` and the disagreement ``D`` that inference writes, and their sum ``H + D`` (both in
   nats); with ``--candidates`` also smoothed and max-pooled entropy, the distance to the predicted
-  boundary, and the entropy after temperature scaling of each network (fitted by NLL on the same voxels).
+  boundary, and the entropy after temperature scaling of each network (fitted by NLL on the same voxels);
+  with ``--tta`` the entropy of the ensemble averaged over the 8 flips of the spatial axes and the flips'
+  mutual information ``H(mean_f p_f) - mean_f H(p_f)`` (8 inferences a case).
+- with ``--candidates``, other case scores: the expected Dice error of the mean softmax ``p``,
+  ``1 - mean_c 2 sum_v p_vc [pred_v = c] / (sum_v p_vc + |pred = c|)``, and the summed entropy of the
+  region per predicted foreground voxel.
 
 Writes ``<output>.json`` and ``<output>.png`` (the scores against Dice; the fraction of misclassified
 voxels per decile of each map) and, with ``--montage``, the case with the lowest Dice (image, error,
@@ -65,13 +70,19 @@ def foreground_dice(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> float
     return float(np.mean(values))
 
 
+def dilated(mask: np.ndarray, margin: int) -> np.ndarray:
+    """``mask`` dilated by ``margin`` voxels (a cube; ``margin`` 0: the mask itself, where SciPy would dilate
+    until nothing changes)."""
+    return ndimage.binary_dilation(mask, np.ones((3,) * mask.ndim, bool), iterations=margin) if margin > 0 else mask
+
+
 def case_maps(u: torch.Tensor, label: torch.Tensor, margin: int) -> dict:
     """Prediction, error and the maps of one case inside the region (foregrounds dilated by ``margin``)."""
     num_classes = u.shape[1] - 2
     pred = u[0, :num_classes].argmax(0).numpy()
     gt = label[0, 0].numpy().astype(np.int64)
     entropy, disagreement = u[0, num_classes].numpy(), u[0, num_classes + 1].numpy()
-    region = ndimage.binary_dilation((pred > 0) | (gt > 0), np.ones((3,) * pred.ndim, bool), iterations=margin)
+    region = dilated((pred > 0) | (gt > 0), margin)
     maps = {"entropy": entropy, "disagreement": disagreement, "entropy+disagreement": entropy + disagreement}
     return {"pred": pred, "gt": gt, "region": region, "error": (pred != gt)[region],
             "maps": {k: v[region] for k, v in maps.items()}, "full": {"entropy": entropy, "disagreement": disagreement},
@@ -88,6 +99,38 @@ def candidate_maps(case: dict) -> dict[str, np.ndarray]:
     maps.update({f"maxpool{k}(H)": ndimage.maximum_filter(h, k) for k in (3, 5)})
     maps["-distance to the boundary"] = -np.where(pred, ndimage.distance_transform_edt(pred), ndimage.distance_transform_edt(~pred))
     return {k: v[case["region"]] for k, v in maps.items()}
+
+
+def candidate_scores(u: torch.Tensor, margin: int = 3) -> dict[str, float]:
+    """Other case scores of one ``DualNet(output="uncertainty")`` output ``[1, C + 2, *spatial]`` (module doc);
+    the region is the app score's: the predicted foreground dilated by ``margin`` voxels (a cube)."""
+    num_classes = u.shape[1] - 2
+    p, entropy = u[0, :num_classes], u[0, num_classes].numpy()
+    pred = p.argmax(0)
+    soft = [float(2 * p[c][pred == c].sum() / (p[c].sum() + (pred == c).sum()).clamp_min(1e-6)) for c in range(1, num_classes)]
+    fg = (pred > 0).numpy()
+    region = dilated(fg, margin) if fg.any() else np.ones_like(fg)
+    return {"expected_dice_error": 1 - float(np.mean(soft)),
+            "entropy per predicted voxel": float(entropy[region].sum() / max(int(fg.sum()), 1))}
+
+
+def flip_tta(inferer, image: torch.Tensor, network) -> tuple[np.ndarray, np.ndarray]:
+    """Entropy of the ensemble's softmax averaged over the 8 flips of the spatial axes (each flipped back),
+    and the flips' mutual information ``H(mean_f p_f) - mean_f H(p_f)``; ``image`` ``[1, 1, *spatial]``."""
+    import itertools
+
+    probs, entropies = [], []
+    for n in range(4):
+        for dims in itertools.combinations((2, 3, 4), n):
+            with torch.no_grad():
+                u = inferer(image.flip(dims) if dims else image, network).float()
+            u = u.flip(dims) if dims else u
+            num_classes = u.shape[1] - 2
+            probs.append(u[0, :num_classes])
+            entropies.append(u[0, num_classes])
+    mean = torch.stack(probs).mean(0)
+    h = -(mean * mean.clamp_min(1e-12).log()).sum(0)
+    return h.numpy(), (h - torch.stack(entropies).mean(0)).numpy()
 
 
 def fit_temperature(logits: torch.Tensor, target: torch.Tensor) -> float:
@@ -165,7 +208,9 @@ def main() -> None:
     parser.add_argument("--num_cases", type=int, default=None, help="the first N validation cases (default: all)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--candidates", action="store_true", help="also score other maps (smoothed entropy, boundary "
-                        "distance) and each network's temperature scaling (two more inferences a case)")
+                        "distance), each network's temperature scaling (two more inferences a case) and other case scores")
+    parser.add_argument("--tta", action="store_true", help="also score the entropy and mutual information over the 8 "
+                        "flips of the spatial axes (eight inferences a case)")
     parser.add_argument("--output", default="bundle/docs/results/uncertainty_la", help="<output>.json and <output>.png")
     parser.add_argument("--montage", default=None, help="also write this PNG: the lowest-Dice case's image, error and maps "
                         "(it shows the data: keep it out of the repository if the data may not be shared)")
@@ -189,6 +234,8 @@ def main() -> None:
             u = inferer(item["image"].as_tensor()[None], network).float()
         case = case_maps(u, item["label"].as_tensor()[None], args.margin)
         name = Path(item["image"].meta["filename_or_obj"]).parent.name
+        if args.candidates:
+            case["scores"] = {**case["scores"], **candidate_scores(u)}
         rows.append({"case": name, "dice": case["dice"], "scores": case["scores"],
                      "region_voxels": int(case["region"].sum()), "errors": int(case["error"].sum())})
         pooled["error"].append(case["error"])
@@ -202,6 +249,9 @@ def main() -> None:
             others["target"].append(torch.from_numpy(case["gt"])[region])
             for k, v in candidate_maps(case).items():
                 others.setdefault(k, []).append(v)
+        if args.tta:
+            for k, v in zip(("H (8 flips)", "mutual information (8 flips)"), flip_tta(inferer, item["image"].as_tensor()[None], network)):
+                others.setdefault(k, []).append(v[case["region"]])
         if worst is None or case["dice"] < worst["dice"]:
             worst = {**case, "case": name, "image": item["image"][0].numpy()}
         print(f"{name}: Dice {100 * case['dice']:.2f}  " + "  ".join(f"{k} {v:.4f}" for k, v in case["scores"].items()), flush=True)
@@ -212,13 +262,14 @@ def main() -> None:
             if v is not None and k != "dataset_dir") + " --dataset_dir <dataset_dir>",
         "cases": rows,
         "spearman_with_dice_error": {w: float(spearmanr([r["scores"][w] for r in rows], [1 - r["dice"] for r in rows])[0])
-                                     for w in monai_dualssl.UNCERTAINTY_MAPS},
+                                     for w in rows[0]["scores"]},
         "voxel_auroc": {m: auroc(np.concatenate(pooled[m]), error) for m in MAPS},
         "misclassified_by_decile": {m: error_by_decile(np.concatenate(pooled[m]), error) for m in MAPS},
         **({"candidates": {
             "voxel_auroc": {k: auroc(np.concatenate(v), error) for k, v in others.items() if k not in ("logits_a", "logits_b", "target")},
-            "temperature_scaling": temperature_scaled(*(torch.cat(others[k]) for k in ("logits_a", "logits_b", "target"))),
-        }} if args.candidates else {}),
+            **({"temperature_scaling": temperature_scaled(*(torch.cat(others[k]) for k in ("logits_a", "logits_b", "target")))}
+               if args.candidates else {}),
+        }} if args.candidates or args.tta else {}),
         "voxels": int(error.size), "misclassified": int(error.sum()), "margin": args.margin, "protocol": args.protocol,
         "seconds": round(time.perf_counter() - start, 1),
     }
