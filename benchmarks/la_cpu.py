@@ -26,6 +26,7 @@ import csv
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -90,9 +91,11 @@ def finished(results: Path, pattern: str = "la_cpu_*pct_s*") -> dict[str, dict]:
 
 
 def records_json(records: dict) -> str:
-    """``records`` as JSON with this checkout's path left out (records of runs made before the commands
-    held relative paths), so the results name no machine path."""
-    return json.dumps(records, indent=2).replace(str(REPO) + "/", "") + "\n"
+    """``records`` as JSON with the checkout's path left out of every path into a ``bundle/`` folder (records of
+    runs made before the commands held relative paths, in this checkout or another), so the results name no
+    machine path."""
+    text = json.dumps(records, indent=2).replace(str(REPO) + "/", "")
+    return re.sub(r"(?<![\w.])/[^\s\"',]*?/(?=bundle/)", "", text) + "\n"
 
 
 def timed(args: list[str], log: Path, threads: int | None, append: bool = False) -> float:

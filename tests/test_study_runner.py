@@ -40,6 +40,11 @@ def test_commands_and_results_name_no_machine_path(tmp_path):
     assert args[args.index("--eval_dir") + 1] == str(tmp_path) and args[args.index("--lr") + 1] == "0.5"
     text = la_cpu.records_json({"runs": [{"command": f"python x --ckpt_path {run}/models/model.pt"}]})
     assert str(la_cpu.REPO) not in text and "--ckpt_path bundle/runs/x/models/model.pt" in text
+    # a run made in another checkout: its paths into bundle/ lose the checkout's path; other text is kept
+    text = la_cpu.records_json({"c": "x --ckpt_path /elsewhere/co/bundle/runs/y/m.pt --eval_dir /tmp/e ['bundle/configs/a.yaml']",
+                                "d": "/other/bundle/runs/z"})
+    assert json.loads(text) == {"c": "x --ckpt_path bundle/runs/y/m.pt --eval_dir /tmp/e ['bundle/configs/a.yaml']",
+                                "d": "bundle/runs/z"}
 
 
 def test_curves_keep_the_later_value_of_a_step_logged_again_after_a_resume(tmp_path):
