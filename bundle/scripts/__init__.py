@@ -80,4 +80,4 @@ from .labels import BACKGROUND, class_names
 from .tracking import configure_mlflow, export_config, run_params
 from .visualize import montages_from_folder, plot_training_curves, save_montage
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
