@@ -16,9 +16,9 @@ through the inferer of an evaluation protocol with ``DualNet(output="uncertainty
   boundary, and the entropy after temperature scaling of each network (fitted by NLL on the same voxels);
   with ``--tta`` the entropy of the ensemble averaged over the 8 flips of the spatial axes and the flips'
   mutual information ``H(mean_f p_f) - mean_f H(p_f)`` (8 inferences a case).
-- with ``--candidates``, other case scores: the expected Dice error of the mean softmax ``p``,
-  ``1 - mean_c 2 sum_v p_vc [pred_v = c] / (sum_v p_vc + |pred = c|)``, and the summed entropy of the
-  region per predicted foreground voxel.
+- with ``--candidates``, other case scores: :func:`monai_dualssl.expected_dice_error` (how far the mean
+  softmax is from its argmax, as a Dice error) and the summed entropy of the region per predicted
+  foreground voxel.
 
 Writes ``<output>.json`` and ``<output>.png`` (the scores against Dice; the fraction of misclassified
 voxels per decile of each map) and, with ``--montage``, the case with the lowest Dice (image, error,
@@ -105,13 +105,10 @@ def candidate_scores(u: torch.Tensor, margin: int = 3) -> dict[str, float]:
     """Other case scores of one ``DualNet(output="uncertainty")`` output ``[1, C + 2, *spatial]`` (module doc);
     the region is the app score's: the predicted foreground dilated by ``margin`` voxels (a cube)."""
     num_classes = u.shape[1] - 2
-    p, entropy = u[0, :num_classes], u[0, num_classes].numpy()
-    pred = p.argmax(0)
-    soft = [float(2 * p[c][pred == c].sum() / (p[c].sum() + (pred == c).sum()).clamp_min(1e-6)) for c in range(1, num_classes)]
-    fg = (pred > 0).numpy()
+    fg = (u[0, :num_classes].argmax(0) > 0).numpy()
     region = dilated(fg, margin) if fg.any() else np.ones_like(fg)
-    return {"expected_dice_error": 1 - float(np.mean(soft)),
-            "entropy per predicted voxel": float(entropy[region].sum() / max(int(fg.sum()), 1))}
+    return {"expected_dice_error": monai_dualssl.expected_dice_error(u),
+            "entropy per predicted voxel": float(u[0, num_classes].numpy()[region].sum() / max(int(fg.sum()), 1))}
 
 
 def flip_tta(inferer, image: torch.Tensor, network) -> tuple[np.ndarray, np.ndarray]:

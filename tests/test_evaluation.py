@@ -837,6 +837,28 @@ def test_disagreement_score_by_hand():
         inference.disagreement_score(torch.cat([u, u]))
 
 
+def test_expected_dice_error_by_hand():
+    """Two classes: p_fg = 0.9, 0.6, 0.2, 0.1, argmax foreground at the first two voxels; three classes with one
+    class never predicted and given (almost) no mass, then given some."""
+    fg = torch.tensor([0.9, 0.6, 0.2, 0.1]).view(1, 1, 4, 1, 1)
+    zeros = torch.zeros_like(fg)
+    u = torch.cat([1 - fg, fg, zeros, zeros], dim=1)
+    assert inference.expected_dice_error(u) == pytest.approx(1 - (2 * 1.5 + 1) / (1.8 + 2 + 1))
+    p2 = torch.tensor([0.0, 0.0, 0.0, 0.0]).view(1, 1, 4, 1, 1)  # class 2: absent and without mass -> Dice 1
+    three = torch.cat([1 - fg - p2, fg, p2, zeros, zeros], dim=1)
+    assert inference.expected_dice_error(three) == pytest.approx((1 - (2 * 1.5 + 1) / (1.8 + 2 + 1)) / 2)
+    p2 = torch.tensor([0.05, 0.3, 0.3, 0.3]).view(1, 1, 4, 1, 1)  # class 2 never the argmax but 0.95 voxels of mass
+    three = torch.cat([1 - fg - p2 + 0.05 * (fg > 0.5), fg - 0.05 * (fg > 0.5), p2, zeros, zeros], dim=1)
+    p1 = three[0, 1].flatten()
+    e1 = 1 - (2 * float(p1[:2].sum()) + 1) / (float(p1.sum()) + 2 + 1)
+    assert inference.expected_dice_error(three) == pytest.approx((e1 + 1 - 1 / (0.95 + 0 + 1)) / 2)
+    # a sure, consistent prediction expects no error; an unsure one more
+    sure = torch.cat([1 - (fg > 0.5).float(), (fg > 0.5).float(), zeros, zeros], dim=1)
+    assert inference.expected_dice_error(sure) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match=r"\[1, C \+ 2"):
+        inference.expected_dice_error(u[:, :3])
+
+
 def test_uncertainty_score_picks_the_map_by_name_with_three_classes():
     h = torch.arange(7.0).view(1, 1, 7, 1, 1)  # entropy 0..6
     d = 10 * h  # disagreement 0..60

@@ -51,6 +51,7 @@ from .inference import (
     MODEL_NAMES,
     SoftmaxOutput,
     disagreement_score,
+    expected_dice_error,
     UNCERTAINTY_MAPS,
     uncertainty_score,
     fast_inferer,

@@ -6,8 +6,8 @@
   batched windows).
 - :class:`SoftmaxOutput`, :func:`model_variants`: the ensemble and each network as models returning
   probabilities.
-- :func:`uncertainty_score` / :func:`disagreement_score`: one uncertainty number per image from
-  ``DualNet(output="uncertainty")``.
+- :func:`uncertainty_score` / :func:`disagreement_score` / :func:`expected_dice_error`: one uncertainty
+  number per image from ``DualNet(output="uncertainty")``.
 - :func:`load_weights`: a trained model or a training checkpoint into a ``DualNet``.
 - :func:`frozen_for_cpu`: a frozen TorchScript copy of a model for CPU inference.
 """
@@ -31,6 +31,7 @@ __all__ = [
     "protocol_inferer",
     "SoftmaxOutput",
     "disagreement_score",
+    "expected_dice_error",
     "uncertainty_score",
     "UNCERTAINTY_MAPS",
     "model_variants",
@@ -183,6 +184,28 @@ def uncertainty_score(uncertainty: torch.Tensor, margin: int = 3, which: str = "
 def disagreement_score(uncertainty: torch.Tensor, margin: int = 3) -> float:
     """:func:`uncertainty_score` of the disagreement map ``D`` (the MONAI Label app's "next image" score)."""
     return uncertainty_score(uncertainty, margin, "disagreement")
+
+
+def expected_dice_error(uncertainty: torch.Tensor) -> float:
+    """
+    The Dice error a dual network expects of its own segmentation, without labels: how far the mean
+    softmax ``p`` is from its argmax ``pred``, per foreground class ``c``, with one voxel of smoothing
+    (a class neither predicted nor given probability mass scores 0)::
+
+        error = 1 - mean_{c >= 1} (2 sum_v p_vc [pred_v = c] + 1) / (sum_v p_vc + |{v: pred_v = c}| + 1)
+
+    Args:
+        uncertainty: ``DualNet(output="uncertainty")`` output of one image, ``[1, C + 2, *spatial]``.
+
+    Raises:
+        ValueError: for a batch of more than one image or fewer than 4 channels.
+    """
+    if uncertainty.dim() < 3 or uncertainty.shape[0] != 1 or uncertainty.shape[1] < 4:
+        raise ValueError(f"expected an uncertainty map [1, C + 2, *spatial] with C >= 2, found {tuple(uncertainty.shape)}.")
+    p = uncertainty[0, : uncertainty.shape[1] - 2].flatten(1).double()  # [C, V]
+    hard = F.one_hot(p.argmax(0), p.shape[0]).T.to(p.dtype)
+    dice = (2 * (p * hard).sum(1) + 1) / (p.sum(1) + hard.sum(1) + 1)
+    return float(1 - dice[1:].mean())
 
 
 def model_variants(network: nn.Module, names: Sequence[str] = MODEL_NAMES) -> dict[str, nn.Module]:
