@@ -21,13 +21,20 @@ def test_epistemic_entropy_by_hand():
     assert al_simulation.epistemic_entropy(passes) == pytest.approx(expected, rel=1e-5)
 
 
-def test_random_selection_keeps_round_one_and_picks_from_the_pool_once(tmp_path, monkeypatch):
+@pytest.fixture
+def pool(tmp_path, monkeypatch):
+    """80 case ids in an LA-like train.list; runs and committed results in ``tmp_path``."""
     ids = [f"case{i:02d}" for i in range(80)]
     data = tmp_path / "la"
     data.mkdir()
     (data / "train.list").write_text("\n".join(ids) + "\n")
     monkeypatch.setattr(la_cpu, "BUNDLE", tmp_path / "bundle")
     monkeypatch.setattr(al_simulation, "RESULTS", tmp_path / "al_simulation.json")
+    return ids, data
+
+
+def test_random_selection_keeps_round_one_and_picks_from_the_pool_once(pool, tmp_path):
+    ids, data = pool
     labeled = al_simulation.select("random", 3, str(data))
     assert labeled[:4] == ids[:4] and len(set(labeled)) == 8
     assert all(c in ids[4:64] for c in labeled[4:])  # never a validation case (the last 16)
@@ -41,13 +48,8 @@ def test_random_selection_keeps_round_one_and_picks_from_the_pool_once(tmp_path,
     assert al_simulation.select("random", 4, str(data)) != labeled  # the seed draws the choice
 
 
-def test_a_committed_selection_is_read_back_on_a_machine_without_the_run_folders(tmp_path, monkeypatch):
-    ids = [f"case{i:02d}" for i in range(80)]
-    data = tmp_path / "la"
-    data.mkdir()
-    (data / "train.list").write_text("\n".join(ids) + "\n")
-    monkeypatch.setattr(la_cpu, "BUNDLE", tmp_path / "bundle")
-    monkeypatch.setattr(al_simulation, "RESULTS", tmp_path / "al_simulation.json")
+def test_a_committed_selection_is_read_back_on_a_machine_without_the_run_folders(pool, monkeypatch):
+    ids, data = pool
     made = {"labeled": ids[:4] + ids[10:14], "picked": ids[10:14], "scores": {}}
     al_simulation.RESULTS.write_text(json.dumps({"selections": {"al_disagreement_s2": made}, "runs": []}))
 
