@@ -120,8 +120,7 @@ def flip_tta(inferer, image: torch.Tensor, network) -> tuple[np.ndarray, np.ndar
     for n in range(4):
         for dims in itertools.combinations((2, 3, 4), n):
             with torch.no_grad():
-                u = inferer(image.flip(dims) if dims else image, network).float()
-            u = u.flip(dims) if dims else u
+                u = inferer(image.flip(dims), network).float().flip(dims)  # flip(()) leaves it as it is
             num_classes = u.shape[1] - 2
             probs.append(u[0, :num_classes])
             entropies.append(u[0, num_classes])

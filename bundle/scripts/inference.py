@@ -149,6 +149,12 @@ class SoftmaxOutput(nn.Module):
 UNCERTAINTY_MAPS = ("entropy", "disagreement")  # the channels after the C class probabilities
 
 
+def _check_one_uncertainty_map(uncertainty: torch.Tensor) -> None:
+    """Refuse anything but one ``DualNet(output="uncertainty")`` output ``[1, C + 2, *spatial]``, ``C >= 2``."""
+    if uncertainty.dim() < 3 or uncertainty.shape[0] != 1 or uncertainty.shape[1] < 4:
+        raise ValueError(f"expected an uncertainty map [1, C + 2, *spatial] with C >= 2, found {tuple(uncertainty.shape)}.")
+
+
 def uncertainty_score(uncertainty: torch.Tensor, margin: int = 3, which: str = "disagreement") -> float:
     """
     One number for how unsure a dual network is about an image: the mean of one uncertainty map of
@@ -165,8 +171,7 @@ def uncertainty_score(uncertainty: torch.Tensor, margin: int = 3, which: str = "
     Raises:
         ValueError: for a batch of more than one image, fewer than 4 channels or an unknown ``which``.
     """
-    if uncertainty.dim() < 3 or uncertainty.shape[0] != 1 or uncertainty.shape[1] < 4:
-        raise ValueError(f"expected an uncertainty map [1, C + 2, *spatial] with C >= 2, found {tuple(uncertainty.shape)}.")
+    _check_one_uncertainty_map(uncertainty)
     if which not in UNCERTAINTY_MAPS:
         raise ValueError(f"which must be one of {UNCERTAINTY_MAPS}, found {which!r}.")
     num_classes = uncertainty.shape[1] - 2
@@ -200,8 +205,7 @@ def expected_dice_error(uncertainty: torch.Tensor) -> float:
     Raises:
         ValueError: for a batch of more than one image or fewer than 4 channels.
     """
-    if uncertainty.dim() < 3 or uncertainty.shape[0] != 1 or uncertainty.shape[1] < 4:
-        raise ValueError(f"expected an uncertainty map [1, C + 2, *spatial] with C >= 2, found {tuple(uncertainty.shape)}.")
+    _check_one_uncertainty_map(uncertainty)
     p = uncertainty[0, : uncertainty.shape[1] - 2].flatten(1).double()  # [C, V]
     hard = F.one_hot(p.argmax(0), p.shape[0]).T.to(p.dtype)
     dice = (2 * (p * hard).sum(1) + 1) / (p.sum(1) + hard.sum(1) + 1)
