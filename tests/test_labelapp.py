@@ -1,4 +1,4 @@
-"""MONAI Label backend: inference, retraining and disagreement ranking through MONAI Label's own tasks.
+"""MONAI Label backend: inference, retraining and uncertainty ranking through MONAI Label's own tasks.
 
 Runs in the MONAI Label environment (tests/monailabel_env.sh); test_labelapp_env.py runs this file
 there from the main suite.
@@ -28,7 +28,7 @@ from monailabel.interfaces.utils.app import app_instance  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 from conftest import CONFIGS, TINY_NET, blob_image  # noqa: E402
-from monai_dualssl.labelapp import SCORE_KEY, DualSSLInferTask, DualSSLTrainTask, create_app  # noqa: E402
+from monai_dualssl.labelapp import DEFAULT_STRATEGY, SCORE_KEYS, DualSSLInferTask, DualSSLTrainTask, create_app  # noqa: E402
 
 
 def make_bundle(root, **infer_values):
@@ -114,16 +114,58 @@ def test_app_serves_the_bundle_and_next_sample_is_the_most_uncertain(bundle, tmp
     info = app.info()
     assert info["models"]["dualssl"]["labels"] == {"left_atrium": 1}
     assert set(info["models"]) == {"dualssl"} and set(info["trainers"]) == {"dualssl"}
-    assert {"disagreement", "random", "first"} <= set(info["strategies"]) and set(info["scoring"]) == {"disagreement"}
+    assert list(info["strategies"]) == ["expected_dice", "disagreement", "random", "first"]
+    assert set(info["scoring"]) == {"dualssl"}
 
     store = app.datastore()
-    summary = app.scoring({"method": "disagreement", "device": "cpu"})
+    summary = app.scoring({"method": "dualssl", "device": "cpu"})
     assert summary["executed"] == 3
-    scores = {i: store.get_image_info(i)[SCORE_KEY] for i in store.get_unlabeled_images()}
-    assert len(scores) == 3 and all(s >= 0 for s in scores.values())
-    assert app.next_sample({"strategy": "disagreement"})["id"] == max(scores, key=scores.get)
+    for name, key in SCORE_KEYS.items():
+        scores = {i: store.get_image_info(i)[key] for i in store.get_unlabeled_images()}
+        assert len(scores) == 3 and all(0 <= s for s in scores.values()), name
+        assert app.next_sample({"strategy": name})["id"] == max(scores, key=scores.get), name
     # scores are kept until model.pt changes
-    assert app.scoring({"method": "disagreement", "device": "cpu"})["executed"] == 0
+    assert app.scoring({"method": "dualssl", "device": "cpu"})["executed"] == 0
+
+
+def test_scores_are_stored_under_their_own_keys(bundle, tmp_path):
+    """Both networks made to output logits 0 everywhere: they agree (disagreement 0) on p = 1/2, whose argmax is
+    background, so the expected Dice error of the foreground is about 1 (1 - 1 / (V / 2 + 1))."""
+    from monai_dualssl.labelapp import DualNetScoring
+
+    weights = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    for net in ("net_a", "net_b"):
+        weights[f"{net}.out_conv.weight"].zero_()
+        weights[f"{net}.out_conv.bias"].zero_()
+    torch.save(weights, bundle / "models" / "model.pt")
+    store = datastore(tmp_path / "studies", labeled=0, unlabeled=1)
+    assert DualNetScoring(str(bundle))({"device": "cpu"}, store)["executed"] == 1
+    info = store.get_image_info("case0")
+    assert info[SCORE_KEYS["disagreement"]] == 0 and 0.999 < info[SCORE_KEYS["expected_dice"]] < 1
+
+
+def test_next_sample_without_a_strategy_takes_the_default_or_the_conf_strategy(bundle, tmp_path, monkeypatch):
+    """MONAI Label's own default is random: a request naming no strategy gets expected_dice, or ``--conf strategy``,
+    which is also listed first."""
+    monkeypatch.setattr(settings, "MONAI_LABEL_AUTO_UPDATE_SCORING", False)
+    studies = tmp_path / "studies"
+    datastore(studies, labeled=1, unlabeled=4)
+    app = app_instance(app_dir=create_app(tmp_path / "app"), studies=str(studies), conf={"bundle": str(bundle)})
+    store = app.datastore()
+    # scores that rank the images differently: expected_dice picks case2, disagreement case4, first case1
+    for i, (dice_error, kl) in {"case1": (0.1, 0.1), "case2": (0.9, 0.2), "case3": (0.2, 0.3), "case4": (0.3, 0.8)}.items():
+        store.update_image_info(i, {SCORE_KEYS["expected_dice"]: dice_error, SCORE_KEYS["disagreement"]: kl})
+    assert DEFAULT_STRATEGY == "expected_dice"
+    assert [app.next_sample({})["id"] for _ in range(2)] == ["case2", "case2"]  # random would vary
+    assert app.next_sample({"strategy": "disagreement"})["id"] == "case4"
+    for strategy, expected in (("disagreement", "case4"), ("first", "case1")):
+        other = app_instance(app_dir=create_app(tmp_path / f"app_{strategy}"), studies=str(studies),
+                             conf={"bundle": str(bundle), "strategy": strategy})
+        assert other.next_sample({})["id"] == expected
+        assert list(other.info()["strategies"])[0] == strategy  # what a client offers first
+    with pytest.raises(ValueError, match=r"--conf strategy 'entropy': expected one of expected_dice, disagreement"):
+        app_instance(app_dir=create_app(tmp_path / "app_bad"), studies=str(studies),
+                     conf={"bundle": str(bundle), "strategy": "entropy"})
 
 
 def test_scoring_ranks_an_ambiguous_volume_above_a_clean_one(tmp_path, monkeypatch):
@@ -146,9 +188,9 @@ def test_scoring_ranks_an_ambiguous_volume_above_a_clean_one(tmp_path, monkeypat
 
     monkeypatch.setattr(settings, "MONAI_LABEL_AUTO_UPDATE_SCORING", False)
     app = app_instance(app_dir=create_app(tmp_path / "app"), studies=str(studies), conf={"bundle": str(REPO / "bundle")})
-    app.scoring({"method": "disagreement", "device": "cpu"})
+    app.scoring({"method": "dualssl", "device": "cpu"})
     store = app.datastore()
-    clean, ambiguous = (store.get_image_info(i)[SCORE_KEY] for i in ("clean", "ambiguous"))
+    clean, ambiguous = (store.get_image_info(i)[SCORE_KEYS["disagreement"]] for i in ("clean", "ambiguous"))
     assert ambiguous > 1.5 * clean > 0
     assert app.next_sample({"strategy": "disagreement"})["id"] == "ambiguous"
 
