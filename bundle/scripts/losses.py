@@ -426,7 +426,6 @@ class CrossConsistencyLoss(_Loss):
         self.stats = self._weight_stats()
         return _reduce(loss, loss.new_tensor(loss.numel()), self.reduction)
 
-
     def _weight_stats(self) -> dict[str, torch.Tensor]:
         """Mean and std of ``w`` over the kept voxels and mean ``D`` over all voxels, of the last call."""
         if not self._sums:
