@@ -5,8 +5,8 @@ validation cases of the datalist: for Left Atrium the last 16 ids of train.list)
 through the inferer of an evaluation protocol with ``DualNet(output="uncertainty")``, as
 ``inference.json`` does, and gives:
 
-- per case: the ensemble's Dice (mean over foreground classes), the app's "next image" score
-  (:func:`monai_dualssl.disagreement_score`) and the same region mean of the entropy map
+- per case: the ensemble's Dice (mean over foreground classes), the score of the app's
+  ``disagreement`` strategy (:func:`monai_dualssl.disagreement_score`) and the same region mean of the entropy map
   (:func:`monai_dualssl.uncertainty_score`); the Spearman correlation of each score with the Dice error
   ``1 - Dice`` over the cases;
 - per voxel: the AUROC with which each map separates misclassified voxels from correct ones, within the

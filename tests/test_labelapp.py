@@ -156,6 +156,7 @@ def test_next_sample_without_a_strategy_takes_the_default_or_the_conf_strategy(b
     for i, (dice_error, kl) in {"case1": (0.1, 0.1), "case2": (0.9, 0.2), "case3": (0.2, 0.3), "case4": (0.3, 0.8)}.items():
         store.update_image_info(i, {SCORE_KEYS["expected_dice"]: dice_error, SCORE_KEYS["disagreement"]: kl})
     assert DEFAULT_STRATEGY == "expected_dice"
+    assert SCORE_KEYS == {"expected_dice": "dualssl_expected_dice", "disagreement": "dualssl_disagreement"}
     assert [app.next_sample({})["id"] for _ in range(2)] == ["case2", "case2"]  # random would vary
     assert app.next_sample({"strategy": "disagreement"})["id"] == "case4"
     for strategy, expected in (("disagreement", "case4"), ("first", "case1")):

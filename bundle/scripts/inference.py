@@ -187,7 +187,7 @@ def uncertainty_score(uncertainty: torch.Tensor, margin: int = 3, which: str = "
 
 
 def disagreement_score(uncertainty: torch.Tensor, margin: int = 3) -> float:
-    """:func:`uncertainty_score` of the disagreement map ``D`` (the MONAI Label app's "next image" score)."""
+    """:func:`uncertainty_score` of the disagreement map ``D`` (the MONAI Label app's ``disagreement`` strategy)."""
     return uncertainty_score(uncertainty, margin, "disagreement")
 
 

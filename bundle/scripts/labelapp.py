@@ -14,8 +14,10 @@ launcher runs the ``python`` on PATH)::
 The app offers the infer and train task ``dualssl`` (labels named by the bundle's ``label_names``), the
 scoring method ``dualssl`` (the expected Dice error and the disagreement of every unlabeled image, from
 one inference pass; run after every training and every "next sample" request) and a strategy per score
-(the unlabeled image of highest score), beside MONAI Label's ``random`` and ``first``. A "next sample"
-request that names no strategy gets ``expected_dice`` (``--conf strategy <name>`` for another).
+(the unlabeled image of highest score), beside MONAI Label's ``random`` and ``first``. The default,
+``expected_dice`` (``--conf strategy <name>`` for another), is listed first in the app's info (clients
+such as 3D Slicer preselect it) and taken by ``next_sample`` requests that name no strategy (REST
+requests always name one: ``POST /activelearning/<strategy>``).
 Training writes the bundle's ``runs/monailabel`` and ``models/model.pt``: give a bundle folder you may
 write to.
 """
