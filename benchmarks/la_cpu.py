@@ -271,7 +271,7 @@ def figure(records: list[dict], path: Path) -> None:
                       for r in records if (r["labels_percent"], r["config"]) == (labels, config)]
             left.scatter([i + shift] * len(values), values, marker=marker, color="C0" if which == "final" else "C1",
                          label=which if i == 0 else None)
-    left.set_xticks(range(len(groups)), [f"{c}\n{l} %" for l, c in groups], fontsize=8)
+    left.set_xticks(range(len(groups)), [f"{c}, {l} %" for l, c in groups], fontsize=8, rotation=35, ha="right")
     left.set_ylabel("mean Dice % (16 validation cases)")
     left.legend(title="checkpoint")
     for r in records:
