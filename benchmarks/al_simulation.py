@@ -32,6 +32,7 @@ redone, and round 1 is retrained only when a selection still needs its model.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import sys
@@ -42,7 +43,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import la_cpu  # noqa: E402
 
-STRATEGIES = ("disagreement", "expected_dice", "random", "epistemic", "next_ids")
+STRATEGIES = ("random", "disagreement", "expected_dice", "epistemic", "next_ids")  # random first: with --plan 0 and 1
+# one process starts with a run that needs no round 1 while the other trains it
 POOL, VAL, ROUND1, PICK = 64, 16, 4, 4
 MC_SAMPLES = 10
 RESULTS = la_cpu.BUNDLE / "docs" / "results" / "al_simulation.json"
@@ -73,8 +75,7 @@ def scores(strategy: str, seed: int, dataset_dir: str, candidates: list[str]) ->
     config.read_config([str(la_cpu.REPO / c) for c in la_cpu.CONFIGS + ["bundle/configs/evaluate.yaml"]])
     config.update({"bundle_root": str(la_cpu.BUNDLE), "dataset_dir": dataset_dir, "protocol": "fast",
                    "device": "$torch.device('cpu')", "num_labeled": POOL, "num_val": VAL})
-    round1 = la_cpu.BUNDLE / "runs" / la_cpu.run_name("full", 5, seed) / "models" / "model.pt"
-    network = monai_dualssl.load_weights(config.get_parsed_content("network_def"), round1)
+    network = monai_dualssl.load_weights(config.get_parsed_content("network_def"), round1_folder(seed) / "models" / "model.pt")
     config["dataset#data"] = [item for item in config.get_parsed_content("datalist")["labeled"]
                               if Path(item["image"]).parent.name in candidates]
     dataset, inferer = config.get_parsed_content("dataset"), config.get_parsed_content("inferer")
@@ -102,15 +103,31 @@ def selections() -> dict[str, dict]:
     return found
 
 
+def round1_folder(seed: int) -> Path:
+    return la_cpu.BUNDLE / "runs" / la_cpu.run_name("full", 5, seed)
+
+
+def train_round1(seed: int, dataset_dir: str, threads: int | None) -> None:
+    """Round 1 of ``seed`` trained and evaluated to its end (its ``record.json``), resumed if it was killed
+    (a killed run already has a best ``models/model.pt``, from before its end). Under an exclusive lock
+    on ``<folder>.lock``: a second process that needs it (``--plan 0`` and ``--plan 1``) waits for it
+    instead of training it into the same folder."""
+    folder = round1_folder(seed)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(folder.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / "record.json").is_file():
+            la_cpu.one_run("full", 5, seed, dataset_dir, threads)
+
+
 def select(strategy: str, seed: int, dataset_dir: str, threads: int | None = None) -> list[str]:
     """The 8 labeled ids of round 2 (round 1's 4, then the 4 picked), read back if made before; round 1 is
     trained first if a selection needs its model and its folder has none."""
     path, made = run_dir(strategy, seed) / "selection.json", selections()
     if path.parent.name in made:
         return made[path.parent.name]["labeled"]
-    round1 = la_cpu.BUNDLE / "runs" / la_cpu.run_name("full", 5, seed) / "models" / "model.pt"
-    if strategy != "random" and not round1.is_file():
-        la_cpu.one_run("full", 5, seed, dataset_dir, threads)
+    if strategy != "random":
+        train_round1(seed, dataset_dir, threads)
     ids = la_cpu_ids(dataset_dir)
     candidates = ids[ROUND1:POOL]
     score = scores(strategy, seed, dataset_dir, candidates)

@@ -4,6 +4,8 @@ the labeled set of round 2 and the resumable selection file."""
 import json
 import math
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -76,3 +78,26 @@ def test_next_ids_reuses_the_study_record_committed_by_la_cpu(tmp_path, monkeypa
     monkeypatch.setattr(la_cpu, "one_run", lambda *args: pytest.fail("the study's committed run was retrained"))
     record = al_simulation.round2("next_ids", 2, str(tmp_path), threads=1)
     assert record["x"] == 1 and record["labeled"] == ids[:8] and record["strategy"] == "next_ids"
+
+
+def test_round_one_is_retrained_until_it_has_finished_and_only_once_for_two_processes(pool, monkeypatch):
+    ids, data = pool
+    folder = al_simulation.round1_folder(2)
+    (folder / "models").mkdir(parents=True)
+    (folder / "models" / "model.pt").write_bytes(b"best so far")  # a run killed mid-training has one
+    calls = []
+
+    def one_run(config, labels, seed, *rest):
+        calls.append((config, labels, seed))
+        time.sleep(0.3)  # long enough for the other caller to arrive while this one trains
+        (folder / "record.json").write_text("{}")
+
+    monkeypatch.setattr(la_cpu, "one_run", one_run)
+    callers = [threading.Thread(target=al_simulation.train_round1, args=(2, str(data), 1)) for _ in range(2)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()
+    assert calls == [("full", 5, 2)]  # resumed once, the second caller waited for it
+    al_simulation.train_round1(2, str(data), 1)
+    assert len(calls) == 1  # finished: never trained again
