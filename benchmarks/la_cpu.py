@@ -208,8 +208,8 @@ def aggregate(records: list[dict]) -> list[dict]:
     return rows
 
 
-def paired_tests(records: list[dict], reference: str = "full") -> list[dict]:
-    """``reference`` vs every other config, per labels and checkpoint: the Wilcoxon signed-rank test over the
+def paired_tests(records: list[dict], reference: str = "full", others: tuple[str, ...] | None = None) -> list[dict]:
+    """``reference`` vs every other config (or those in ``others``), per labels and checkpoint: the Wilcoxon signed-rank test over the
     (case, seed) pairs, the gain in each seed, and, as the pairs of one case under several seeds are not
     independent, the Wilcoxon test over the cases of the gain averaged over the seeds."""
     import numpy as np
@@ -218,7 +218,7 @@ def paired_tests(records: list[dict], reference: str = "full") -> list[dict]:
     index = {(r["config"], r["labels_percent"], r["seed"]): r for r in records}
     tests = []
     for (config, labels) in sorted({(r["config"], r["labels_percent"]) for r in records}):
-        if config == reference:
+        if config == reference or (others is not None and config not in others):
             continue
         for which in ("final", "best"):
             gains = {}  # seed -> case -> Dice gain of the reference
@@ -295,12 +295,12 @@ def collect(output: Path) -> None:
     aggregate and the tests; print the tables."""
     records = [record for _, record in sorted(finished(output).items())]
     rows, tests = aggregate(records), paired_tests(records)
-    supervised_tests = paired_tests(records, reference="supervised")
+    tests += paired_tests(records, reference="supervised") + paired_tests(records, "full_class", ("class_no_rectify",))
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(records_json({"summary": rows, "tests": tests + supervised_tests, "runs": records}))
+    output.write_text(records_json({"summary": rows, "tests": tests, "runs": records}))
     figure(records, output.with_suffix(".png"))
     print(f"{len(records)} runs -> {output}, {output.with_suffix('.png')}")
-    print(report(rows, tests + supervised_tests))
+    print(report(rows, tests))
 
 
 def main() -> None:

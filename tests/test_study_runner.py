@@ -102,3 +102,7 @@ def test_paired_tests_by_hand():
     assert final[0]["wilcoxon_p"] == pytest.approx(wilcoxon(gain[1337] + gain[2]).pvalue)
     averaged = [(x + y) / 2 for x, y in zip(gain[1337], gain[2])]
     assert final[0]["cases"] == 6 and final[0]["case_mean_wilcoxon_p"] == pytest.approx(wilcoxon(averaged).pvalue)
+    # restricted to some configurations: only those are tested against the reference
+    records += [record("no_kl", s, base) for s in gain]
+    assert {t["other"] for t in la_cpu.paired_tests(records)} == {"supervised", "no_kl"}
+    assert {t["other"] for t in la_cpu.paired_tests(records, "full", ("no_kl",))} == {"no_kl"}
