@@ -122,7 +122,7 @@ def train_round1(seed: int, dataset_dir: str, threads: int | None) -> None:
 
 def select(strategy: str, seed: int, dataset_dir: str, threads: int | None = None) -> list[str]:
     """The 8 labeled ids of round 2 (round 1's 4, then the 4 picked), read back if made before; round 1 is
-    trained first if a selection needs its model and its folder has none."""
+    trained (or its killed run resumed) first if a selection needs its model and it has not finished."""
     path, made = run_dir(strategy, seed) / "selection.json", selections()
     if path.parent.name in made:
         return made[path.parent.name]["labeled"]
