@@ -161,41 +161,28 @@ def round2(strategy: str, seed: int, dataset_dir: str, threads: int | None) -> d
 
 
 def collect(output: Path) -> None:
-    """Validation Dice after round 2 per strategy (mean ± std over seeds) and Wilcoxon tests against random."""
-    from scipy.stats import wilcoxon
-
+    """Validation Dice after round 2 per strategy (mean ± std over seeds) with round 1 (``round1``, 5 %) for
+    reference, each strategy tested against random (Wilcoxon, as ``la_cpu.paired_tests``), and a figure."""
     done, study = la_cpu.finished(output, "al_*_s*"), la_cpu.finished(la_cpu.RESULTS)
-    records = {}
-    for strategy in STRATEGIES:
-        for seed in la_cpu.SEEDS:
+    records = []
+    for seed in la_cpu.SEEDS:
+        path = round1_folder(seed) / "record.json"  # the run whose model made the selections
+        record = json.loads(path.read_text()) if path.is_file() else done.get(path.parent.name)
+        if record:
+            records.append({**record, "strategy": "round1", "config": "round1", "labels_percent": 5, "seed": seed})
+        for strategy in STRATEGIES:
             name = la_cpu.run_name("full", 10, seed) if strategy == "next_ids" else run_dir(strategy, seed).name
             record = study.get(name) or done.get(name)  # next_ids: the la_cpu study's own record first
             if record:
-                records[(strategy, seed)] = {**record, "strategy": strategy, "seed": seed}
-    rows, tests = [], []
-    for strategy in STRATEGIES:
-        for which in ("final", "best"):
-            dice = [la_cpu._foreground(r["evaluation"][which]["metrics"])["dice"]["mean"]
-                    for (s, _), r in records.items() if s == strategy]
-            if dice:
-                rows.append({"strategy": strategy, "checkpoint": which, "seeds": len(dice), "dice_mean": float(np.mean(dice)),
-                             "dice_std": float(np.std(dice, ddof=1)) if len(dice) > 1 else None, "per_seed": dice})
-            pairs = [(records[(strategy, s)], records[("random", s)]) for s in la_cpu.SEEDS
-                     if (strategy, s) in records and ("random", s) in records and strategy != "random"]
-            a = [r["evaluation"][which]["per_case_dice"][c] for r, q in pairs for c in sorted(r["evaluation"][which]["per_case_dice"])]
-            b = [q["evaluation"][which]["per_case_dice"][c] for r, q in pairs for c in sorted(r["evaluation"][which]["per_case_dice"])]
-            if len(a) >= 6:
-                tests.append({"strategy": strategy, "vs": "random", "checkpoint": which, "pairs": len(a),
-                              "mean_gain_dice_points": round(100 * float(np.mean(np.subtract(a, b))), 2),
-                              "wilcoxon_p": float(wilcoxon(a, b).pvalue)})
+                records.append({**record, "strategy": strategy, "config": strategy, "labels_percent": 10, "seed": seed})
+    order = ("round1",) + STRATEGIES
+    rows = la_cpu.aggregate(records, order)
+    tests = [t for strategy in STRATEGIES[1:] for t in la_cpu.paired_tests(records, strategy, ("random",))]
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(la_cpu.records_json({"summary": rows, "tests": tests, "selections": selections(),
-                                           "runs": list(records.values())}))
-    for r in rows:
-        std = f" ± {100 * r['dice_std']:.2f}" if r["dice_std"] is not None else ""
-        print(f"{r['strategy']:13s} {r['checkpoint']:5s} seeds {r['seeds']}: Dice {100 * r['dice_mean']:.2f}{std}")
-    for t in tests:
-        print(f"{t['strategy']} vs random ({t['checkpoint']}): {t['mean_gain_dice_points']:+.2f} points, p = {t['wilcoxon_p']:.3g}")
+    output.write_text(la_cpu.records_json({"summary": rows, "tests": tests, "selections": selections(), "runs": records}))
+    la_cpu.figure(records, output.with_suffix(".png"), order, curves=STRATEGIES)
+    print(f"{len(records)} runs -> {output}, {output.with_suffix('.png')}")
+    print(la_cpu.report(rows, tests))
 
 
 def main() -> None:

@@ -189,12 +189,12 @@ def _foreground(metrics: dict) -> dict:
     return by_class[sorted(by_class)[0]] if len(by_class) == 1 else by_class["mean"]
 
 
-def aggregate(records: list[dict]) -> list[dict]:
-    """Per (config, labels) and checkpoint: mean ± std over seeds of each run's mean metrics."""
+def aggregate(records: list[dict], order: tuple[str, ...] = tuple(RUNS)) -> list[dict]:
+    """Per (config, labels) and checkpoint, configs in ``order``: mean ± std over seeds of each run's mean metrics."""
     import numpy as np
 
     rows = []
-    key = lambda r: (r["labels_percent"], list(RUNS).index(r["config"]))  # noqa: E731
+    key = lambda r: (r["labels_percent"], order.index(r["config"]))  # noqa: E731
     for (labels, _), group in itertools.groupby(sorted(records, key=key), key=key):
         group = list(group)
         for which in ("final", "best"):
@@ -260,14 +260,16 @@ def report(rows: list[dict], tests: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def figure(records: list[dict], path: Path) -> None:
-    """Dice per configuration with the seeds as points (final and best), and validation Dice over iterations."""
+def figure(records: list[dict], path: Path, order: tuple[str, ...] = tuple(RUNS),
+           curves: tuple[str, ...] = ("full", "supervised")) -> None:
+    """Dice per configuration with the seeds as points (final and best), and validation Dice over iterations
+    of the 10 % runs of ``curves``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = sorted({(r["labels_percent"], r["config"]) for r in records}, key=lambda g: (-g[0], list(RUNS).index(g[1])))
+    groups = sorted({(r["labels_percent"], r["config"]) for r in records}, key=lambda g: (-g[0], order.index(g[1])))
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
     for i, (labels, config) in enumerate(groups):
         for shift, which, marker in ((-0.12, "final", "o"), (0.12, "best", "^")):
@@ -279,9 +281,9 @@ def figure(records: list[dict], path: Path) -> None:
     left.set_ylabel("mean Dice % (16 validation cases)")
     left.legend(title="checkpoint")
     for r in records:
-        if r["config"] in ("supervised", "full") and r["labels_percent"] == 10 and "val_mean_dice" in r["curves"]:
+        if r["config"] in curves and r["labels_percent"] == 10 and "val_mean_dice" in r["curves"]:
             steps, values = zip(*r["curves"]["val_mean_dice"])
-            right.plot(steps, [100 * v for v in values], color="C2" if r["config"] == "full" else "C3", alpha=0.7,
+            right.plot(steps, [100 * v for v in values], color=f"C{2 + curves.index(r['config'])}", alpha=0.7,
                        label=f"{r['config']} (seed {r['seed']})")
     right.set_xlabel("iteration")
     right.set_ylabel("validation Dice % (fast protocol)")

@@ -101,3 +101,50 @@ def test_round_one_is_retrained_until_it_has_finished_and_only_once_for_two_proc
     assert calls == [("full", 5, 2)]  # resumed once, the second caller waited for it
     al_simulation.train_round1(2, str(data), 1)
     assert len(calls) == 1  # finished: never trained again
+
+
+def _record(run, dice, seed):
+    """A finished run's record: per-case Dice and the evaluation summary both checkpoints share."""
+    cases = {f"c{i}": d for i, d in enumerate(dice)}
+    mean = {m: {"mean": float(np.mean(dice))} for m in ("dice", "jaccard", "hd95_vox", "asd_vox")}
+    evaluation = {"per_case_dice": cases, "metrics": {"ensemble": {"none": {"1": mean}}}}
+    return {"run": run, "seed": seed, "curves": {"val_mean_dice": [[100, 0.5], [200, float(np.mean(dice))]]},
+            "evaluation": {"final": evaluation, "best": evaluation}}
+
+
+def test_collect_tables_round_two_against_random_with_round_one_for_reference(pool, tmp_path, monkeypatch):
+    from scipy.stats import wilcoxon
+
+    monkeypatch.setattr(la_cpu, "RESULTS", tmp_path / "la_cpu.json")  # no study records
+    base = [0.60, 0.70, 0.75, 0.80, 0.85, 0.90]
+    gain = {1337: [0.02, 0.03, -0.01, 0.04, 0.05, 0.01], 2: [0.01, -0.02, 0.03, 0.02, 0.00, 0.06]}
+    runs = tmp_path / "bundle" / "runs"
+    for seed, g in gain.items():
+        for strategy, dice in (("random", base), ("disagreement", [b + x for b, x in zip(base, g)])):
+            (runs / f"al_{strategy}_s{seed}").mkdir(parents=True)
+            (runs / f"al_{strategy}_s{seed}" / "record.json").write_text(json.dumps(_record(f"al_{strategy}_s{seed}", dice, seed)))
+    round1 = al_simulation.round1_folder(1337)  # seed 1337's round 1 is here; seed 2's only in the committed results
+    round1.mkdir(parents=True)
+    (round1 / "record.json").write_text(json.dumps(_record(round1.name, [0.5] * 6, 1337)))
+    kept = _record("la_cpu_full_5pct_s2", [0.4] * 6, 2)
+    al_simulation.RESULTS.write_text(json.dumps({"runs": [kept], "selections": {}}))
+
+    al_simulation.collect(al_simulation.RESULTS)
+    result = json.loads(al_simulation.RESULTS.read_text())
+    dice = {(r["config"], r["checkpoint"]): r["dice"] for r in result["summary"]}
+    assert dice[("round1", "final")]["per_seed"] == [0.5, 0.4]
+    expected = [np.mean(base) + np.mean(gain[s]) for s in (1337, 2)]
+    assert dice[("disagreement", "best")]["mean"] == pytest.approx(np.mean(expected))
+    assert dice[("disagreement", "best")]["std"] == pytest.approx(np.std(expected, ddof=1))
+    test, = [t for t in result["tests"] if t["checkpoint"] == "final"]
+    assert (test["reference"], test["other"], test["pairs"]) == ("disagreement", "random", 12)
+    assert test["gain_per_seed"] == {"1337": 2.33, "2": 1.67}  # disagreement minus random
+    assert test["wilcoxon_p"] == pytest.approx(wilcoxon(gain[1337] + gain[2]).pvalue)
+    assert (tmp_path / "al_simulation.png").stat().st_size > 10_000
+    # collected again without the run folders: everything is read back from the results file
+    for folder in runs.iterdir():
+        for f in folder.iterdir():
+            f.unlink()
+        folder.rmdir()
+    al_simulation.collect(al_simulation.RESULTS)
+    assert json.loads(al_simulation.RESULTS.read_text())["summary"] == result["summary"]
