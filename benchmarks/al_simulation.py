@@ -160,9 +160,28 @@ def round2(strategy: str, seed: int, dataset_dir: str, threads: int | None) -> d
     return record
 
 
+def agreement(made: dict[str, dict]) -> list[dict]:
+    """Per seed and pair of scored strategies: Spearman correlation of their scores over the candidates, and how
+    many of the 4 picked cases they share."""
+    from scipy.stats import spearmanr
+
+    rows = []
+    for seed in la_cpu.SEEDS:
+        scored = [s for s in STRATEGIES if s != "random" and run_dir(s, seed).name in made]
+        for i, a in enumerate(scored):
+            for b in scored[i + 1:]:
+                x, y = made[run_dir(a, seed).name], made[run_dir(b, seed).name]
+                cases = sorted(x["scores"])
+                rows.append({"seed": seed, "strategies": [a, b], "shared_picks": len(set(x["picked"]) & set(y["picked"])),
+                             "spearman": round(float(spearmanr([x["scores"][c] for c in cases],
+                                                               [y["scores"][c] for c in cases]).statistic), 3)})
+    return rows
+
+
 def collect(output: Path) -> None:
     """Validation Dice after round 2 per strategy (mean ± std over seeds) with round 1 (``round1``, 5 %) for
-    reference, each strategy tested against random (Wilcoxon, as ``la_cpu.paired_tests``), and a figure."""
+    reference, each strategy tested against random (Wilcoxon, as ``la_cpu.paired_tests``), the strategies'
+    :func:`agreement`, and a figure."""
     done, study = la_cpu.finished(output, "al_*_s*"), la_cpu.finished(la_cpu.RESULTS)
     records = []
     for seed in la_cpu.SEEDS:
@@ -179,10 +198,15 @@ def collect(output: Path) -> None:
     rows = la_cpu.aggregate(records, order)
     tests = [t for strategy in STRATEGIES[1:] for t in la_cpu.paired_tests(records, strategy, ("random",))]
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(la_cpu.records_json({"summary": rows, "tests": tests, "selections": selections(), "runs": records}))
+    made = selections()
+    agree = agreement(made)
+    output.write_text(la_cpu.records_json({"summary": rows, "tests": tests, "selections": made, "agreement": agree,
+                                           "runs": records}))
     la_cpu.figure(records, output.with_suffix(".png"), order, curves=STRATEGIES)
     print(f"{len(records)} runs -> {output}, {output.with_suffix('.png')}")
     print(la_cpu.report(rows, tests))
+    for row in agree:
+        print(f"seed {row['seed']}, {' vs '.join(row['strategies'])}: Spearman {row['spearman']:+.3f}, {row['shared_picks']} picks shared")
 
 
 def main() -> None:

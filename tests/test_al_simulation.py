@@ -148,3 +148,13 @@ def test_collect_tables_round_two_against_random_with_round_one_for_reference(po
         folder.rmdir()
     al_simulation.collect(al_simulation.RESULTS)
     assert json.loads(al_simulation.RESULTS.read_text())["summary"] == result["summary"]
+
+
+def test_agreement_of_two_strategies_by_hand():
+    cases = [f"c{i}" for i in range(6)]
+    made = {"al_disagreement_s2": {"scores": dict(zip(cases, [1, 2, 3, 4, 5, 6])), "picked": ["c5", "c4", "c3", "c2"]},
+            "al_epistemic_s2": {"scores": dict(zip(cases, [6, 5, 4, 3, 1, 2])), "picked": ["c0", "c1", "c2", "c3"]},
+            "al_random_s2": {"scores": dict(zip(cases, [1, 2, 3, 4, 5, 6])), "picked": ["c5", "c4", "c3", "c2"]}}
+    rows = al_simulation.agreement(made)  # random is not compared: its scores are draws
+    assert [(r["seed"], r["strategies"], r["shared_picks"]) for r in rows] == [(2, ["disagreement", "epistemic"], 2)]
+    assert rows[0]["spearman"] == pytest.approx(1 - 6 * (25 + 9 + 1 + 1 + 16 + 16) / (6 * 35), abs=1e-3)  # -0.943
