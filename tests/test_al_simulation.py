@@ -103,43 +103,62 @@ def test_round_one_is_retrained_until_it_has_finished_and_only_once_for_two_proc
     assert len(calls) == 1  # finished: never trained again
 
 
-def _record(run, dice, seed):
-    """A finished run's record: per-case Dice and the evaluation summary both checkpoints share."""
-    cases = {f"c{i}": d for i, d in enumerate(dice)}
-    mean = {m: {"mean": float(np.mean(dice))} for m in ("dice", "jaccard", "hd95_vox", "asd_vox")}
-    evaluation = {"per_case_dice": cases, "metrics": {"ensemble": {"none": {"1": mean}}}}
-    return {"run": run, "seed": seed, "curves": {"val_mean_dice": [[100, 0.5], [200, float(np.mean(dice))]]},
-            "evaluation": {"final": evaluation, "best": evaluation}}
+def _record(run, seed, final, best=None):
+    """A finished run's record: per-case Dice and the evaluation summary of each checkpoint (best: final + 0.01
+    unless given)."""
+    def evaluation(dice):
+        mean = {m: {"mean": float(np.mean(dice))} for m in ("dice", "jaccard", "hd95_vox", "asd_vox")}
+        return {"per_case_dice": {f"c{i}": d for i, d in enumerate(dice)}, "metrics": {"ensemble": {"none": {"1": mean}}}}
+
+    best = [d + 0.01 for d in final] if best is None else best
+    return {"run": run, "seed": seed, "curves": {"val_mean_dice": [[100, 0.5], [200, float(np.mean(final))]]},
+            "evaluation": {"final": evaluation(final), "best": evaluation(best)}}
+
+
+def _write(folder: Path, record: dict, selection: dict | None = None) -> None:
+    folder.mkdir(parents=True)
+    (folder / "record.json").write_text(json.dumps(record))
+    if selection:
+        (folder / "selection.json").write_text(json.dumps(selection))
 
 
 def test_collect_tables_round_two_against_random_with_round_one_for_reference(pool, tmp_path, monkeypatch):
     from scipy.stats import wilcoxon
 
-    monkeypatch.setattr(la_cpu, "RESULTS", tmp_path / "la_cpu.json")  # no study records
-    base = [0.60, 0.70, 0.75, 0.80, 0.85, 0.90]
+    ids, _ = pool
+    base = {1337: [0.60, 0.70, 0.75, 0.80, 0.85, 0.90], 2: [0.55, 0.72, 0.70, 0.81, 0.80, 0.92]}
     gain = {1337: [0.02, 0.03, -0.01, 0.04, 0.05, 0.01], 2: [0.01, -0.02, 0.03, 0.02, 0.00, 0.06]}
     runs = tmp_path / "bundle" / "runs"
-    for seed, g in gain.items():
-        for strategy, dice in (("random", base), ("disagreement", [b + x for b, x in zip(base, g)])):
-            (runs / f"al_{strategy}_s{seed}").mkdir(parents=True)
-            (runs / f"al_{strategy}_s{seed}" / "record.json").write_text(json.dumps(_record(f"al_{strategy}_s{seed}", dice, seed)))
-    round1 = al_simulation.round1_folder(1337)  # seed 1337's round 1 is here; seed 2's only in the committed results
-    round1.mkdir(parents=True)
-    (round1 / "record.json").write_text(json.dumps(_record(round1.name, [0.5] * 6, 1337)))
-    kept = _record("la_cpu_full_5pct_s2", [0.4] * 6, 2)
-    al_simulation.RESULTS.write_text(json.dumps({"runs": [kept], "selections": {}}))
+    for seed in gain:
+        _write(runs / f"al_random_s{seed}", _record(f"al_random_s{seed}", seed, base[seed]))
+        final, best = ([b + k * g + k / 200 for b, g in zip(base[seed], gain[seed])] for k in (1, 2))  # best: twice the gain
+        _write(runs / f"al_disagreement_s{seed}", _record(f"al_disagreement_s{seed}", seed, final, best),
+               {"labeled": ids[:8], "picked": ids[4:8], "scores": {c: float(i) for i, c in enumerate(ids[4:64])}})
+    _write(runs / "al_expected_dice_s1337", _record("al_expected_dice_s1337", 1337, base[1337]),
+           {"labeled": ids[:6] + ids[10:12], "picked": ids[4:6] + ids[10:12], "scores": {c: float(i % 7) for i, c in enumerate(ids[4:64])}})
+    _write(al_simulation.round1_folder(1337), _record("la_cpu_full_5pct_s1337", 1337, [0.5] * 6))  # seed 2's: committed only
+    committed = [_record("la_cpu_full_5pct_s1337", 1337, [0.2] * 6), _record("la_cpu_full_5pct_s2", 2, [0.4] * 6),
+                 _record("la_cpu_full_10pct_s1337", 1337, [0.1] * 6)]  # a stale copy of the study's next_ids run
+    al_simulation.RESULTS.write_text(json.dumps({"runs": committed, "selections": {}}))
+    monkeypatch.setattr(la_cpu, "RESULTS", tmp_path / "la_cpu.json")  # the study's own record of next_ids comes first
+    la_cpu.RESULTS.write_text(json.dumps({"runs": [_record("la_cpu_full_10pct_s1337", 1337, [0.7] * 6)]}))
 
     al_simulation.collect(al_simulation.RESULTS)
     result = json.loads(al_simulation.RESULTS.read_text())
     dice = {(r["config"], r["checkpoint"]): r["dice"] for r in result["summary"]}
-    assert dice[("round1", "final")]["per_seed"] == [0.5, 0.4]
-    expected = [np.mean(base) + np.mean(gain[s]) for s in (1337, 2)]
-    assert dice[("disagreement", "best")]["mean"] == pytest.approx(np.mean(expected))
-    assert dice[("disagreement", "best")]["std"] == pytest.approx(np.std(expected, ddof=1))
-    test, = [t for t in result["tests"] if t["checkpoint"] == "final"]
-    assert (test["reference"], test["other"], test["pairs"]) == ("disagreement", "random", 12)
-    assert test["gain_per_seed"] == {"1337": 2.33, "2": 1.67}  # disagreement minus random
-    assert test["wilcoxon_p"] == pytest.approx(wilcoxon(gain[1337] + gain[2]).pvalue)
+    assert dice[("round1", "final")]["per_seed"] == [0.5, 0.4]  # the run folder's round 1 before the kept copy
+    assert dice[("next_ids", "final")]["per_seed"] == [0.7]  # the study's record before the stale copy
+    expected = [np.mean(base[s]) + np.mean(gain[s]) + 0.005 for s in (1337, 2)]
+    assert dice[("disagreement", "final")]["mean"] == pytest.approx(np.mean(expected))
+    assert dice[("disagreement", "final")]["std"] == pytest.approx(np.std(expected, ddof=1))
+    test, best = [t for t in result["tests"] if t["reference"] == "disagreement"]
+    assert (test["checkpoint"], test["other"], test["pairs"]) == ("final", "random", 12)
+    assert test["gain_per_seed"] == {"1337": 2.83, "2": 2.17}  # disagreement minus random of the same seed
+    assert test["wilcoxon_p"] == pytest.approx(wilcoxon([g + 0.005 for g in gain[1337] + gain[2]]).pvalue)
+    assert best["checkpoint"] == "best" and best["gain_per_seed"] == {"1337": 4.67, "2": 3.33}
+    assert sorted(result["selections"]) == ["al_disagreement_s1337", "al_disagreement_s2", "al_expected_dice_s1337"]
+    assert [(a["seed"], a["strategies"], a["shared_picks"]) for a in result["agreement"]] == [
+        (1337, ["disagreement", "expected_dice"], 2)]
     assert (tmp_path / "al_simulation.png").stat().st_size > 10_000
     # collected again without the run folders: everything is read back from the results file
     for folder in runs.iterdir():
@@ -152,9 +171,11 @@ def test_collect_tables_round_two_against_random_with_round_one_for_reference(po
 
 def test_agreement_of_two_strategies_by_hand():
     cases = [f"c{i}" for i in range(6)]
-    made = {"al_disagreement_s2": {"scores": dict(zip(cases, [1, 2, 3, 4, 5, 6])), "picked": ["c5", "c4", "c3", "c2"]},
-            "al_epistemic_s2": {"scores": dict(zip(cases, [6, 5, 4, 3, 1, 2])), "picked": ["c0", "c1", "c2", "c3"]},
+    epistemic = dict(reversed(list(zip(cases, [6, 5, 4, 3, 1, 2]))))  # another key order: paired by case
+    made = {"al_disagreement_s2": {"scores": dict(zip(cases, [1, 2, 3, 4, 5, 100])), "picked": ["c5", "c4", "c3", "c2"]},
+            "al_epistemic_s2": {"scores": epistemic, "picked": ["c0", "c1", "c2", "c3"]},
             "al_random_s2": {"scores": dict(zip(cases, [1, 2, 3, 4, 5, 6])), "picked": ["c5", "c4", "c3", "c2"]}}
     rows = al_simulation.agreement(made)  # random is not compared: its scores are draws
     assert [(r["seed"], r["strategies"], r["shared_picks"]) for r in rows] == [(2, ["disagreement", "epistemic"], 2)]
+    # rank correlation (Pearson's would be -0.42 with the outlier 100): rank differences 5, 3, 1, 1, 4, 4
     assert rows[0]["spearman"] == pytest.approx(1 - 6 * (25 + 9 + 1 + 1 + 16 + 16) / (6 * 35), abs=1e-3)  # -0.943
