@@ -2,6 +2,7 @@
 the options handed to MONAI's Trainer, mixed precision and a one-process DistributedDataParallel run."""
 
 import random
+import re
 
 import numpy as np
 import pytest
@@ -374,6 +375,51 @@ def test_a_non_finite_loss_stops_before_the_update_naming_the_bad_terms():
     assert all(torch.equal(p, after_first[k]) for k, p in net.named_parameters())  # not updated
 
 
+def nan_gradient_at(t, net, iteration):
+    """From ``iteration`` on, network B's first convolution weight gets a NaN gradient (the loss stays finite)."""
+    name, weight = next((n, p) for n, p in net.net_b.named_parameters() if p.dim() == 5)
+    weight.register_hook(lambda g: g * float("nan") if t.state.iteration >= iteration else g)
+    return name
+
+
+def test_a_non_finite_gradient_of_a_finite_loss_stops_before_the_update_naming_the_parameter():
+    t, net = trainer(epoch_length=2)
+    name = nan_gradient_at(t, net, iteration=2)
+    after_first = {}
+    t.add_event_handler(Events.ITERATION_COMPLETED(once=1),
+                        lambda e: after_first.update({k: p.clone() for k, p in net.named_parameters()}))
+    with pytest.raises(NonFiniteLossError) as info:
+        t.run()
+    message = str(info.value)
+    assert message.startswith(f"the gradient is non-finite at iteration 2 although the loss is finite ({float(t.state.output['loss']):.4g}): "
+                              f"network B ({name}). Training stopped before this update")
+    assert "network A" not in message
+    assert all(torch.equal(p, after_first[k]) for k, p in net.named_parameters())  # neither network updated
+
+
+def test_a_large_finite_gradient_whose_sum_overflows_is_not_called_non_finite():
+    t, net = trainer()
+    for p in net.parameters():
+        p.grad = torch.full_like(p, 3e38)  # finite, but a sum of two of them is Inf
+    t._check_finite_grads(torch.tensor(1.0))  # no error
+    name, weight = next((n, p) for n, p in net.net_a.named_parameters() if p.numel() > 1)
+    weight.grad.view(-1)[-1] = float("inf")
+    with pytest.raises(NonFiniteLossError, match=re.escape(f"(1): network A ({name}). Training")):
+        t._check_finite_grads(torch.tensor(1.0))
+
+
+def test_with_the_float16_scaler_a_non_finite_gradient_skips_that_network_s_step_instead():
+    t, net = trainer(epoch_length=2, amp=True, amp_kwargs={"dtype": torch.float16})
+    nan_gradient_at(t, net, iteration=2)
+    after_first = {}
+    t.add_event_handler(Events.ITERATION_COMPLETED(once=1),
+                        lambda e: after_first.update({k: p.clone() for k, p in net.named_parameters()}))
+    t.run()
+    assert t.state.iteration == 2 and t.scaler.get_scale() < 2.0 ** 16  # the scaler saw the NaN and backed off
+    assert all(torch.equal(p, after_first[k]) for k, p in net.named_parameters() if k.startswith("net_b."))
+    assert not all(torch.equal(p, after_first[k]) for k, p in net.named_parameters() if k.startswith("net_a."))
+
+
 def test_an_iteration_needs_a_batch():
     t, _ = trainer()
     with pytest.raises(ValueError, match="^Must provide batch data for current iteration.$"):
@@ -517,7 +563,10 @@ def test_bfloat16_autocast_has_no_scaler_whatever_the_default_low_precision():
     previous = torch.get_autocast_dtype("cpu")
     torch.set_autocast_dtype("cpu", torch.float16)
     try:
-        t, net = trainer(epoch_length=1, amp=True, amp_kwargs={"dtype": torch.bfloat16})
+        # 64^3 volumes: at 16^3 (deepest level 1^3) PyTorch's CPU bfloat16 conv3d weight gradient can be non-finite
+        labeled = [{k: torch.stack([v[k] for v in volumes(2, 1, size=64)]) for k in ("image", "label")}]
+        unlabeled = [{"image": v["image"][None]} for v in volumes(1, 2, label=False, size=64)]
+        t, net = trainer(labeled, unlabeled, epoch_length=1, amp=True, amp_kwargs={"dtype": torch.bfloat16})
         dtypes = conv_dtypes(net)
         t.run()
     finally:

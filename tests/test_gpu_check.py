@@ -141,7 +141,9 @@ def test_train_yaml_float16_scaler_in_checkpoint_and_resumed(tmp_path, tiny_data
 
 def test_train_yaml_amp_bfloat16_from_the_command_line(tmp_path, tiny_dataset):
     args = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(CONFIGS / "train.yaml")]
-    for key, value in tiny_overrides(tiny_dataset, tmp_path, amp="true", amp_dtype="bfloat16").items():
+    # patch 64x64x16 (volumes padded to it): at 32x32x16 the deepest level is 2x2x1, where PyTorch's CPU bfloat16
+    # conv3d weight gradient can be non-finite (the trainer then stops, see test_engines)
+    for key, value in tiny_overrides(tiny_dataset, tmp_path, amp="true", amp_dtype="bfloat16", patch_size=[64, 64, 16]).items():
         args += [f"--{key}", str(value) if not isinstance(value, (list, bool)) else repr(value)]
     result = subprocess.run(args, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             capture_output=True, text=True, timeout=600)

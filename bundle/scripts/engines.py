@@ -159,7 +159,8 @@ def _plain(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss of an iteration is NaN or Inf; the message names the iteration and the terms."""
+    """The loss of an iteration, or a network's gradient of it, is NaN or Inf; the message names the iteration
+    and the terms or parameters."""
 
 
 class DualSSLTrainer(Trainer):
@@ -176,8 +177,9 @@ class DualSSLTrainer(Trainer):
     (``proto_on="weaker"``, chosen on the device) or the sum over both (``"both"``). The current weights
     live in ``engine.state.loss_weights`` (a ramp-up handler updates them). ``engine.state.output``
     holds every term, the weights and both learning rates for StatsHandler / TensorBoard; ``PRED``
-    is the mean softmax of both networks on the labeled batch. A non-finite loss stops training with a
-    :class:`NonFiniteLossError` naming the iteration and the terms, before the networks are updated.
+    is the mean softmax of both networks on the labeled batch. A non-finite loss, or a non-finite gradient
+    of a finite loss (without float16's GradScaler, which skips such steps itself), stops training with a
+    :class:`NonFiniteLossError` naming the iteration and the terms or parameters, before the networks are updated.
 
     Both loaders are read as endless :class:`LoaderStream` objects, so ``state_dict()`` (the
     ``trainer`` entry of a checkpoint) holds, beside Ignite's counters, everything a resumed run
@@ -369,6 +371,29 @@ class DualSSLTrainer(Trainer):
             "check the data."
         )
 
+    def _check_finite_grads(self, loss: torch.Tensor) -> None:
+        """Raise :class:`NonFiniteLossError` naming, per network, the first parameter whose gradient is NaN or
+        Inf. Skipped with the float16 GradScaler, which skips such steps and lowers its scale by design."""
+        if self.scaler.is_enabled():
+            return
+        bad = []
+        for name, net in (("A", self.network_a), ("B", self.network_b)):
+            grads = [(n, p.grad) for n, p in net.named_parameters() if p.grad is not None]
+            sums = torch.stack([g.sum() for _, g in grads]) if grads else torch.zeros(0)  # NaN and Inf propagate
+            if bool(torch.isfinite(sums).all()):  # the common case: one pass (isfinite().all() per tensor is 8x slower)
+                continue
+            first = next((n for (n, g), t in zip(grads, sums) if not torch.isfinite(t) and not bool(torch.isfinite(g).all())), None)
+            if first is not None:  # else only a sum overflowed
+                bad.append(f"network {name} ({first})")
+        if bad:
+            raise NonFiniteLossError(
+                f"the gradient is non-finite at iteration {self.state.iteration} although the loss is finite "
+                f"({float(loss):.4g}): {', '.join(bad)}. Training stopped before this update; no checkpoint holding "
+                "non-finite weights is written. On a CPU with amp_dtype bfloat16, PyTorch's conv3d weight gradient "
+                "can be non-finite when the deepest level is 2x2 voxels in-plane (patch_size 32x32 or smaller): use "
+                "a larger patch_size or amp False. Otherwise lower the learning rate (lr) or check the data."
+            )
+
     def _iteration(self, engine: DualSSLTrainer, batchdata: dict[str, Any]) -> dict:
         """One step of both networks; fires FORWARD, LOSS, BACKWARD and MODEL_COMPLETED."""
         if batchdata is None:
@@ -389,6 +414,7 @@ class DualSSLTrainer(Trainer):
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         engine.scaler.scale(loss).backward()  # scale() and step() pass through when the scaler is disabled
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        engine._check_finite_grads(loss)
         for opt in optimizers:
             engine.scaler.step(opt)
         engine.scaler.update()
