@@ -358,12 +358,17 @@ class NonFiniteAt(SupervisedLoss):
         return terms
 
 
+def weights_after_first(t, net):
+    """A dict that holds a copy of the weights once the first iteration of ``t`` is done."""
+    copy = {}
+    t.add_event_handler(Events.ITERATION_COMPLETED(once=1), lambda e: copy.update({k: p.clone() for k, p in net.named_parameters()}))
+    return copy
+
+
 def test_a_non_finite_loss_stops_before_the_update_naming_the_bad_terms():
     t, net = trainer(epoch_length=2)
     t.supervised_loss = NonFiniteAt(t, iteration=2)
-    after_first = {}
-    t.add_event_handler(Events.ITERATION_COMPLETED(once=1),
-                        lambda e: after_first.update({k: p.clone() for k, p in net.named_parameters()}))
+    after_first = weights_after_first(t, net)
     with pytest.raises(NonFiniteLossError) as info:
         t.run()
     message = str(info.value)
@@ -385,9 +390,7 @@ def nan_gradient_at(t, net, iteration):
 def test_a_non_finite_gradient_of_a_finite_loss_stops_before_the_update_naming_the_parameter():
     t, net = trainer(epoch_length=2)
     name = nan_gradient_at(t, net, iteration=2)
-    after_first = {}
-    t.add_event_handler(Events.ITERATION_COMPLETED(once=1),
-                        lambda e: after_first.update({k: p.clone() for k, p in net.named_parameters()}))
+    after_first = weights_after_first(t, net)
     with pytest.raises(NonFiniteLossError) as info:
         t.run()
     message = str(info.value)
@@ -411,9 +414,7 @@ def test_a_large_finite_gradient_whose_sum_overflows_is_not_called_non_finite():
 def test_with_the_float16_scaler_a_non_finite_gradient_skips_that_network_s_step_instead():
     t, net = trainer(epoch_length=2, amp=True, amp_kwargs={"dtype": torch.float16})
     nan_gradient_at(t, net, iteration=2)
-    after_first = {}
-    t.add_event_handler(Events.ITERATION_COMPLETED(once=1),
-                        lambda e: after_first.update({k: p.clone() for k, p in net.named_parameters()}))
+    after_first = weights_after_first(t, net)
     t.run()
     assert t.state.iteration == 2 and t.scaler.get_scale() < 2.0 ** 16  # the scaler saw the NaN and backed off
     assert all(torch.equal(p, after_first[k]) for k, p in net.named_parameters() if k.startswith("net_b."))
