@@ -178,10 +178,25 @@ def agreement(made: dict[str, dict]) -> list[dict]:
     return rows
 
 
+def case_spread(records: list[dict], which: str = "final") -> list[dict]:
+    """Per strategy, the worst and the median validation case's Dice of each seed's run (``which`` checkpoint) and
+    their means over the seeds: where a selection's gain lies, on the typical case or on the hardest."""
+    import numpy as np
+
+    rows = []
+    for strategy in dict.fromkeys(r["strategy"] for r in records):
+        dice = [list(r["evaluation"][which]["per_case_dice"].values()) for r in records if r["strategy"] == strategy]
+        worst, median = [float(np.min(d)) for d in dice], [float(np.median(d)) for d in dice]
+        rows.append({"strategy": strategy, "checkpoint": which, "seeds": len(dice),
+                     "worst_case_dice": {"mean": float(np.mean(worst)), "per_seed": np.round(worst, 5).tolist()},
+                     "median_case_dice": {"mean": float(np.mean(median)), "per_seed": np.round(median, 5).tolist()}})
+    return rows
+
+
 def collect(output: Path) -> None:
     """Validation Dice after round 2 per strategy (mean ± std over seeds) with round 1 (``round1``, 5 %) for
     reference, each strategy tested against random (Wilcoxon, as ``la_cpu.paired_tests``), the strategies'
-    :func:`agreement`, and a figure."""
+    :func:`agreement`, the :func:`case_spread`, and a figure."""
     done, study = la_cpu.finished(output, "al_*_s*"), la_cpu.finished(la_cpu.RESULTS)
     records = []
     for seed in la_cpu.SEEDS:
@@ -199,12 +214,16 @@ def collect(output: Path) -> None:
     tests = [t for strategy in STRATEGIES[1:] for t in la_cpu.paired_tests(records, strategy, ("random",))]
     output.parent.mkdir(parents=True, exist_ok=True)
     made = selections()
-    agree = agreement(made)
-    output.write_text(la_cpu.records_json({"summary": rows, "tests": tests, "selections": made, "agreement": agree,
-                                           "runs": records}))
+    agree, spread = agreement(made), case_spread(records)
+    output.write_text(la_cpu.records_json({"summary": rows, "tests": tests, "case_spread": spread, "selections": made,
+                                           "agreement": agree, "runs": records}))
     la_cpu.figure(records, output.with_suffix(".png"), order, curves=STRATEGIES)
     print(f"{len(records)} runs -> {output}, {output.with_suffix('.png')}")
     print(la_cpu.report(rows, tests))
+    for row in spread:
+        worst, median = row["worst_case_dice"], row["median_case_dice"]
+        print(f"{row['strategy']}: worst case {100 * worst['mean']:.1f} % ({', '.join(f'{100 * v:.1f}' for v in worst['per_seed'])}),"
+              f" median case {100 * median['mean']:.2f} % ({', '.join(f'{100 * v:.2f}' for v in median['per_seed'])})")
     for row in agree:
         print(f"seed {row['seed']}, {' vs '.join(row['strategies'])}: Spearman {row['spearman']:+.3f}, {row['shared_picks']} picks shared")
 

@@ -179,3 +179,20 @@ def test_agreement_of_two_strategies_by_hand():
     assert [(r["seed"], r["strategies"], r["shared_picks"]) for r in rows] == [(2, ["disagreement", "epistemic"], 2)]
     # rank correlation (Pearson's would be -0.42 with the outlier 100): rank differences 5, 3, 1, 1, 4, 4
     assert rows[0]["spearman"] == pytest.approx(1 - 6 * (25 + 9 + 1 + 1 + 16 + 16) / (6 * 35), abs=1e-3)  # -0.943
+
+
+def test_case_spread_by_hand():
+    def run(strategy, dice, which="final"):
+        other = "best" if which == "final" else "final"
+        return {"strategy": strategy, "evaluation": {which: {"per_case_dice": dict(zip("abcd", dice))},
+                                                     other: {"per_case_dice": dict(zip("abcd", [0.0] * 4))}}}
+
+    records = [run("random", [0.9, 0.5, 0.8, 0.7]), run("random", [0.6, 0.9, 0.3, 0.8]),
+               run("disagreement", [0.85, 0.75, 0.8, 0.9])]
+    spread = {r["strategy"]: r for r in al_simulation.case_spread(records)}
+    assert list(spread) == ["random", "disagreement"]
+    assert spread["random"]["worst_case_dice"] == {"mean": pytest.approx(0.4), "per_seed": [0.5, 0.3]}
+    assert spread["random"]["median_case_dice"] == {"mean": pytest.approx(0.725), "per_seed": [0.75, 0.7]}
+    assert spread["disagreement"]["seeds"] == 1 and spread["disagreement"]["worst_case_dice"]["mean"] == pytest.approx(0.75)
+    best = al_simulation.case_spread([run("random", [0.2, 0.4, 0.6, 0.8], "best")], "best")[0]
+    assert best["checkpoint"] == "best" and best["median_case_dice"]["mean"] == pytest.approx(0.5)
