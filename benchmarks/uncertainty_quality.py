@@ -13,7 +13,9 @@ through the inferer of an evaluation protocol with ``DualNet(output="uncertainty
   predicted and true foreground dilated by ``--margin`` voxels (a cube), pooled over the cases. Maps:
   the entropy ``H`` and the disagreement ``D`` that inference writes, and their sum ``H + D`` (both in
   nats); with ``--candidates`` also smoothed and max-pooled entropy, the distance to the predicted
-  boundary, and the entropy after temperature scaling of each network (fitted by NLL on the same voxels);
+  boundary, each class's probability, each network's entropy, a logistic regression of all the maps scored here
+  fitted on the other cases (:func:`held_out_combination`), and the entropy after temperature scaling of each
+  network (fitted by NLL on the same voxels);
   with ``--tta`` the entropy of the ensemble averaged over the 8 flips of the spatial axes and the flips'
   mutual information ``H(mean_f p_f) - mean_f H(p_f)`` (8 inferences a case).
 - with ``--candidates``, other case scores: :func:`monai_dualssl.expected_dice_error` (how far the mean
@@ -85,20 +87,48 @@ def case_maps(u: torch.Tensor, label: torch.Tensor, margin: int) -> dict:
     region = dilated((pred > 0) | (gt > 0), margin)
     maps = {"entropy": entropy, "disagreement": disagreement, "entropy+disagreement": entropy + disagreement}
     return {"pred": pred, "gt": gt, "region": region, "error": (pred != gt)[region],
-            "maps": {k: v[region] for k, v in maps.items()}, "full": {"entropy": entropy, "disagreement": disagreement},
+            "maps": {k: v[region] for k, v in maps.items()}, "full": {"entropy": entropy, "disagreement": disagreement,
+                                                                      "probs": u[0, :num_classes].numpy()},
             "dice": foreground_dice(pred, gt, num_classes),
             "scores": {w: monai_dualssl.uncertainty_score(u, which=w) for w in monai_dualssl.UNCERTAINTY_MAPS}}
 
 
 def candidate_maps(case: dict) -> dict[str, np.ndarray]:
-    """Other maps tried against the errors (region voxels): smoothed and max-pooled entropy, and the
-    negative distance to the predicted foreground's boundary."""
+    """Other maps tried against the errors (region voxels): smoothed and max-pooled entropy, the
+    negative distance to the predicted foreground's boundary, and each class's ensemble probability."""
     h, pred = case["full"]["entropy"], case["pred"] > 0
     maps = {f"gaussian{s}(H)": ndimage.gaussian_filter(h, s) for s in (1, 2, 3)}
     maps.update({f"max(H, gaussian{s}(H))": np.maximum(h, maps[f"gaussian{s}(H)"]) for s in (1, 3)})
     maps.update({f"maxpool{k}(H)": ndimage.maximum_filter(h, k) for k in (3, 5)})
     maps["-distance to the boundary"] = -np.where(pred, ndimage.distance_transform_edt(pred), ndimage.distance_transform_edt(~pred))
+    maps.update({f"p{c}": p for c, p in enumerate(case["full"]["probs"])})
     return {k: v[case["region"]] for k, v in maps.items()}
+
+
+def held_out_combination(features: dict[str, list[np.ndarray]], error: list[np.ndarray], every: int = 4) -> np.ndarray:
+    """The best a per-voxel combination of the maps can do on unseen cases: for each case, a logistic regression of
+    ``error`` on the standardised ``features`` (``{map: [region values of each case]}``) fitted by L-BFGS on every
+    ``every``-th voxel of the other cases scores this case's voxels (leave one case out). Returns the pooled scores."""
+    x = torch.from_numpy(np.stack([np.concatenate(v) for v in features.values()], 1).astype(np.float32))
+    x = (x - x.mean(0)) / x.std(0).clamp_min(1e-12)
+    y = torch.from_numpy(np.concatenate(error).astype(np.float32))
+    case = np.repeat(np.arange(len(error)), [len(e) for e in error])
+    scores = np.empty(len(y), np.float32)
+    for held_out in range(len(error)):
+        train = torch.from_numpy(np.flatnonzero(case != held_out)[::every])
+        model = torch.nn.Linear(x.shape[1], 1)
+        optimizer = torch.optim.LBFGS(model.parameters(), max_iter=200, line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x[train])[:, 0], y[train])
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        with torch.no_grad():
+            scores[case == held_out] = model(x[torch.from_numpy(case == held_out)])[:, 0].numpy()
+    return scores
 
 
 def candidate_scores(u: torch.Tensor, margin: int = 3) -> dict[str, float]:
@@ -242,6 +272,8 @@ def main() -> None:
             for key, net in (("logits_a", network.net_a), ("logits_b", network.net_b)):
                 with torch.no_grad():
                     others[key].append(inferer(item["image"].as_tensor()[None], net).float()[0][:, region].T)
+                p = others[key][-1].softmax(1)
+                others.setdefault(f"H of network {key[-1].upper()}", []).append(-(p * p.clamp_min(1e-12).log()).sum(1).numpy())
             others["target"].append(torch.from_numpy(case["gt"])[region])
             for k, v in candidate_maps(case).items():
                 others.setdefault(k, []).append(v)
@@ -252,6 +284,10 @@ def main() -> None:
             worst = {**case, "case": name, "image": item["image"][0].numpy()}
         print(f"{name}: Dice {100 * case['dice']:.2f}  " + "  ".join(f"{k} {v:.4f}" for k, v in case["scores"].items()), flush=True)
     error = np.concatenate(pooled["error"])
+    tried = {k: v for k, v in others.items() if k not in ("logits_a", "logits_b", "target")}
+    if args.candidates:
+        tried["logistic regression of all maps, leave one case out"] = [
+            held_out_combination({**{m: pooled[m] for m in MAPS}, **tried}, pooled["error"])]
     result = {
         "command": "python benchmarks/uncertainty_quality.py " + " ".join(
             f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()
@@ -262,7 +298,7 @@ def main() -> None:
         "voxel_auroc": {m: auroc(np.concatenate(pooled[m]), error) for m in MAPS},
         "misclassified_by_decile": {m: error_by_decile(np.concatenate(pooled[m]), error) for m in MAPS},
         **({"candidates": {
-            "voxel_auroc": {k: auroc(np.concatenate(v), error) for k, v in others.items() if k not in ("logits_a", "logits_b", "target")},
+            "voxel_auroc": {k: auroc(np.concatenate(v), error) for k, v in tried.items()},
             **({"temperature_scaling": temperature_scaled(*(torch.cat(others[k]) for k in ("logits_a", "logits_b", "target")))}
                if args.candidates else {}),
         }} if args.candidates or args.tta else {}),

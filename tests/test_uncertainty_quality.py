@@ -76,3 +76,18 @@ def test_the_region_of_the_voxel_auroc_with_and_without_a_margin():
     assert uq.case_maps(u, label, margin=0)["region"].ravel().tolist() == [True, False, False, True, False]
     assert uq.case_maps(u, label, margin=1)["region"].ravel().tolist() == [True, True, True, True, True]
     assert uq.case_maps(u, label, margin=0)["error"].tolist() == [True, True]  # both region voxels are wrong
+
+
+def test_held_out_combination_learns_the_map_that_finds_the_errors_and_scores_only_unseen_cases():
+    rng = np.random.default_rng(0)
+    a = [rng.normal(size=400) for _ in range(3)]
+    noise = [1e5 * rng.normal(size=400) for _ in range(3)]  # standardised: its scale does not swamp the fit
+    error = [x > 0.5 for x in a]
+    scores = uq.held_out_combination({"noise": noise, "a": a}, error, every=2)
+    assert scores.shape == (1200,) and uq.auroc(scores, np.concatenate(error)) > 0.99
+    # the errors lie on the other side in the second case: a model fitted on the first case ranks them last,
+    # one that had seen the case would not
+    a = [rng.normal(size=400) for _ in range(2)]
+    error = [a[0] > 0.5, a[1] < -0.5]
+    scores = uq.held_out_combination({"a": a}, error)
+    assert uq.auroc(scores[:400], error[0]) < 0.01 and uq.auroc(scores[400:], error[1]) < 0.01
