@@ -170,9 +170,8 @@ def temperature_scaled(logits_a: torch.Tensor, logits_b: torch.Tensor, target: t
     """Temperatures of each network fitted on the region voxels and the AUROC of the entropy of the
     ensemble of the scaled networks (fitted and scored on the same voxels: the most favourable case)."""
     t_a, t_b = fit_temperature(logits_a, target), fit_temperature(logits_b, target)
-    p = ((logits_a / t_a).softmax(1) + (logits_b / t_b).softmax(1)) / 2
-    entropy = -(p * p.clamp_min(1e-12).log()).sum(1)
-    error = (p.argmax(1) != target).numpy()
+    u = monai_dualssl.ensemble_uncertainty(logits_a / t_a, logits_b / t_b)
+    entropy, error = u[:, -2], (u[:, :-2].argmax(1) != target).numpy()
     return {"temperature_a": t_a, "temperature_b": t_b, "misclassified": int(error.sum()),
             "auroc_entropy": auroc(entropy.numpy(), error)}
 
@@ -272,8 +271,9 @@ def main() -> None:
             for key, net in (("logits_a", network.net_a), ("logits_b", network.net_b)):
                 with torch.no_grad():
                     others[key].append(inferer(item["image"].as_tensor()[None], net).float()[0][:, region].T)
-                p = others[key][-1].softmax(1)
-                others.setdefault(f"H of network {key[-1].upper()}", []).append(-(p * p.clamp_min(1e-12).log()).sum(1).numpy())
+                logits = others[key][-1]  # one network's entropy: its "ensemble" with itself
+                others.setdefault(f"H of network {key[-1].upper()}", []).append(
+                    monai_dualssl.ensemble_uncertainty(logits, logits)[:, -2].numpy())
             others["target"].append(torch.from_numpy(case["gt"])[region])
             for k, v in candidate_maps(case).items():
                 others.setdefault(k, []).append(v)
